@@ -1,0 +1,1 @@
+"""Hospital side of MammoFL: readers, local DP training, privacy ledger, `mammofl-hospital`."""

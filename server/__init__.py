@@ -1,0 +1,1 @@
+"""Coordinator side of MammoFL: strategy, checkpoints, certificates, `mammofl-coordinator`."""

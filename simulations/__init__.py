@@ -1,0 +1,1 @@
+"""One-machine federations for researchers: partitions of public data, baselines, `mammofl-sim`."""

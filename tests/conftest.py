@@ -1,0 +1,55 @@
+"""Shared fixtures: where the real test data lives, and how its absence is handled.
+
+Tests that need `../shared/data` fail when the `CI` variable is set and the data is missing (CI must have it);
+elsewhere they skip with a message saying how to get it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("MAMMOFL_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+_HOW_TO_GET = (
+    "Put the shared test data beside the repository (../shared/data with mini-mias/ and dicom/), "
+    "or point MAMMOFL_SHARED_DATA at it; mini-MIAS alone can be fetched with `make demo` "
+    "(see README, 'Data')."
+)
+
+
+def _require(path: Path) -> Path:
+    if path.exists():
+        return path
+    message = f"test data missing: {path}. {_HOW_TO_GET}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return _require(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def mias_dir() -> Path:
+    """The mini-MIAS folder (PNG copy + Info.txt) of the shared data."""
+    return _require(SHARED_DATA / "mini-mias")
+
+
+@pytest.fixture(scope="session")
+def dicom_dir() -> Path:
+    """The 15 real DICOM files of the shared data."""
+    return _require(SHARED_DATA / "dicom")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_flower_home(tmp_path_factory, monkeypatch):
+    """Nothing in the test suite touches ~/.flwr, checks for updates or installs dependencies."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.getbasetemp() / "flwr-home"))
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+    monkeypatch.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
