@@ -9,6 +9,7 @@ MINI_MIAS_DIR ?= $(if $(wildcard ../shared/data/mini-mias/Info.txt),../shared/da
 export MINI_MIAS_DIR
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export FLWR_TELEMETRY_ENABLED := 0
 
 .PHONY: install test test-fast demo bench lock clean
 

@@ -49,7 +49,8 @@ def dicom_dir() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_flower_home(tmp_path_factory, monkeypatch):
-    """Nothing in the test suite touches ~/.flwr, checks for updates or installs dependencies."""
+    """Nothing in the test suite touches ~/.flwr, checks for updates, installs dependencies or sends telemetry."""
     monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.getbasetemp() / "flwr-home"))
     monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
     monkeypatch.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")

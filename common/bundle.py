@@ -1,0 +1,124 @@
+"""The released model bundle: weights + model config + preprocessing config + class names, in one file.
+
+Loadable without Flower (``load_bundle(path) -> (model, meta)``), e.g. by a hospital screening images with a
+released model. File format: a ``torch.save`` archive of plain tensors and one JSON string, read back with
+``torch.load(weights_only=True)`` (no pickle code runs on load)::
+
+    {"format": "mammofl-bundle/1", "meta": "<JSON: model_config, preprocess_config, class_names, info>",
+     "weights": {state_dict key: tensor}}
+
+``weights`` is what the federation exchanges (common.weights): trainable parameters and buffers under the plain
+model's state-dict keys; frozen pretrained layers come from ``build_model`` (their weights ship with the installed
+package).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.models import ModelConfig, build_model
+from common.preprocessing import PreprocessConfig
+from common.records import CLASS_NAMES
+from common.weights import WeightsError, load_weights
+
+FORMAT = "mammofl-bundle/1"
+
+
+class BundleError(ValueError):
+    """A file that is not a usable MammoFL bundle (why is in the message)."""
+
+
+@dataclass(frozen=True)
+class BundleMeta:
+    """Everything needed to use the model the way it was trained."""
+
+    model_config: ModelConfig
+    preprocess_config: PreprocessConfig
+    class_names: tuple[str, ...] = CLASS_NAMES
+    info: dict[str, Any] = field(default_factory=dict)  # provenance: run, round, metrics summary, versions
+
+
+def save_bundle(path: Path, weights: dict[str, Any], meta: BundleMeta) -> Path:
+    """Write a bundle atomically; `weights` maps state-dict keys to tensors or numpy arrays."""
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "meta": json.dumps({
+            "model_config": dataclasses.asdict(meta.model_config),
+            "preprocess_config": dataclasses.asdict(meta.preprocess_config),
+            "class_names": list(meta.class_names),
+            "info": meta.info,
+        }),
+        "weights": {k: _tensor(v) for k, v in weights.items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def read_bundle(path: Path) -> tuple[dict[str, torch.Tensor], BundleMeta]:
+    """The weights and metadata of a bundle, without building the model."""
+    try:
+        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a file that is not its format
+        raise BundleError(f"{path}: not a MammoFL bundle ({type(error).__name__}: {error})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise BundleError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    raw = json.loads(payload["meta"])
+    meta = BundleMeta(
+        model_config=_dataclass_from(ModelConfig, raw["model_config"]),
+        preprocess_config=_dataclass_from(PreprocessConfig, raw["preprocess_config"]),
+        class_names=tuple(raw["class_names"]),
+        info=raw.get("info", {}),
+    )
+    return payload["weights"], meta
+
+
+def load_bundle(path: Path) -> tuple[torch.nn.Module, BundleMeta]:
+    """The model (eval mode, CPU) and its metadata."""
+    weights, meta = read_bundle(path)
+    if tuple(meta.class_names) != tuple(CLASS_NAMES):
+        raise BundleError(f"{path}: class order {meta.class_names} differs from this version's {CLASS_NAMES}")
+    model = build_model(meta.model_config)
+    try:
+        load_weights(model, weights, source=str(path))
+    except WeightsError as error:
+        raise BundleError(str(error)) from None
+    return model.eval(), meta
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    return torch.from_numpy(np.array(value, copy=True))
+
+
+def _dataclass_from(cls, data: dict):
+    """Rebuild a frozen config dataclass from its JSON form (lists back to tuples where the field holds one)."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise BundleError(f"{cls.__name__} in the bundle has fields this version does not know: {unknown}")
+    values = {}
+    for name, value in data.items():
+        default = known[name].default
+        values[name] = tuple(value) if isinstance(value, list) and isinstance(default, tuple) else value
+    return cls(**values)

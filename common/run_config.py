@@ -1,0 +1,336 @@
+"""The typed run configuration of a federation and the typed node configuration of a hospital.
+
+Flower hands every app a flat dict of kebab-case keys: the run config (experiment-wide; defaults in
+``[tool.flwr.app.config]`` of ``pyproject.toml``, overridable with ``flwr run --run-config``) and the node config
+(who a node is and where its data lives: ``flower-supernode --node-config``; in simulation Flower sets
+``partition-id`` and ``num-partitions``). Each entry point reads them ONCE into the frozen objects below and passes
+those down. Unknown keys and bad values raise :class:`ConfigError` naming the key.
+
+Field ``foo_bar`` of :class:`RunConfig` is run-config key ``foo-bar``; the defaults here are the ones in
+``pyproject.toml`` (a test keeps them identical).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MODEL_KINDS = ("cnn", "effnet_head", "effnet_finetune")
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+ACCOUNTANTS = ("rdp", "prv")
+PARTITION_SCHEMES = ("iid", "dirichlet", "tissue")
+
+
+class ConfigError(ValueError):
+    """A run or node configuration value that cannot be used; the message names the key."""
+
+
+def _opt(default: Any, doc: str, *, choices: tuple[str, ...] = (), low: float | None = None,
+         high: float | None = None, low_open: bool = False) -> Any:
+    """A config field: default, one-line help, allowed values (choices or a numeric range)."""
+    return field(default=default, metadata={"help": doc, "choices": choices, "low": low, "high": high,
+                                            "low_open": low_open})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Experiment-wide settings, identical for the coordinator and every hospital of one run."""
+
+    # ------------------------------------------------------------ federation
+    num_server_rounds: int = _opt(3, "federated rounds in total (a resumed run continues up to this number)", low=1)
+    strategy: str = _opt("fedavg", "server aggregation", choices=STRATEGIES)
+    proximal_mu: float = _opt(0.01, "FedProx proximal term weight (strategy fedprox)", low=0.0)
+    fedadam_eta: float = _opt(0.01, "FedAdam server learning rate", low=0.0, low_open=True)
+    fedadam_beta_1: float = _opt(0.9, "FedAdam first-moment decay", low=0.0, high=1.0)
+    fedadam_beta_2: float = _opt(0.99, "FedAdam second-moment decay", low=0.0, high=1.0)
+    fedadam_tau: float = _opt(0.001, "FedAdam adaptivity (epsilon in the denominator)", low=0.0, low_open=True)
+    fraction_train: float = _opt(1.0, "fraction of connected nodes asked to train each round", low=0.0,
+                                 high=1.0, low_open=True)
+    fraction_evaluate: float = _opt(1.0, "fraction of connected nodes asked to evaluate (0 = no federated "
+                                    "evaluation)", low=0.0, high=1.0)
+    min_nodes: int = _opt(2, "nodes that must be connected before a round starts (and the least sampled)", low=1)
+    min_train_replies: int = _opt(2, "valid training replies a round needs, else the run fails", low=1)
+    min_evaluate_replies: int = _opt(1, "evaluation replies a round needs, else the run fails", low=0)
+    round_timeout: float = _opt(600.0, "seconds to wait for replies in each train/evaluate step",
+                                low=0.0, low_open=True)
+    max_update_norm: float = _opt(1000.0, "reject a reply whose L2 distance to the global model exceeds this "
+                                  "(0 = no bound)", low=0.0)
+    seed: int = _opt(42, "seed for sampling, splits and partitions", low=0)
+    # ------------------------------------------------------------ model and local training
+    model: str = _opt("effnet_head", "model kind: cnn (trained end to end), effnet_head (frozen pretrained "
+                      "features per cell + DP head), effnet_finetune (last blocks trainable)", choices=MODEL_KINDS)
+    image_size: int = _opt(512, "preprocessed image side in pixels (a multiple of 32)", low=32, high=2048)
+    top_k: int = _opt(2, "image score = mean of the top-k most abnormal cells", low=1)
+    feature_layer: str = _opt("head", "effnet_head: frozen layer used as cell features (head or block0..block15)")
+    finetune_from: int = _opt(15, "effnet_finetune: first trainable block", low=1, high=15)
+    head_hidden: int = _opt(0, "cell head hidden channels (0 = linear head)", low=0)
+    local_epochs: int = _opt(1, "local epochs per round", low=1)
+    lr: float = _opt(0.05, "local SGD learning rate", low=0.0, low_open=True)
+    batch_size: int = _opt(16, "expected batch size (Poisson sample rate = batch-size / train images)", low=1)
+    val_fraction: float = _opt(0.2, "share of a hospital's patients kept for its validation split",
+                               low=0.0, high=0.9)
+    # ------------------------------------------------------------ differential privacy
+    dp: bool = _opt(True, "train with DP-SGD (Opacus); false = plain SGD, no privacy guarantee")
+    noise_multiplier: float = _opt(1.0, "DP-SGD noise multiplier (sigma)", low=0.0, low_open=True)
+    max_grad_norm: float = _opt(1.0, "DP-SGD per-sample clipping norm", low=0.0, low_open=True)
+    delta: float = _opt(1e-5, "DP delta at which epsilon is reported", low=0.0, high=1.0, low_open=True)
+    accountant: str = _opt("rdp", "privacy accountant (recorded with every epsilon)", choices=ACCOUNTANTS)
+    max_epsilon: float = _opt(10.0, "default lifetime privacy budget of a node (node config max-epsilon wins)",
+                              low=0.0, low_open=True)
+    # ------------------------------------------------------------ run directory
+    run_dir: str = _opt("", "where the coordinator writes metrics, checkpoints and the model (empty = "
+                        "runs/<UTC time>)")
+    resume: str = _opt("", "run directory of an interrupted run to continue from its last checkpoint")
+    # ------------------------------------------------------------ simulation (mini-MIAS split into virtual hospitals)
+    sim_data_dir: str = _opt("", "mini-MIAS folder the virtual hospitals are cut from")
+    sim_state_dir: str = _opt("", "root of the virtual hospitals' own disks (ledgers, caches)")
+    sim_partition: str = _opt("iid", "how patients are spread over hospitals", choices=PARTITION_SCHEMES)
+    sim_dirichlet_alpha: float = _opt(0.5, "label skew of the dirichlet scheme (small = more skewed)",
+                                      low=0.0, low_open=True)
+    sim_test_fraction: float = _opt(0.2, "share of patients held out for the centralised test set",
+                                    low=0.0, high=0.9)
+    sim_max_patients: int = _opt(0, "use only this many patients (0 = all; for quick runs)", low=0)
+    sim_central_eval: bool = _opt(True, "evaluate the global model on the held-out test set every round")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_value(f.name, getattr(self, f.name), f)
+        if self.image_size % 32:
+            raise ConfigError(f"run config 'image-size': must be a multiple of 32, got {self.image_size}")
+        if self.feature_layer != "head" and not (self.feature_layer.startswith("block")
+                                                  and self.feature_layer[5:].isdigit()
+                                                  and 0 <= int(self.feature_layer[5:]) <= 15):
+            raise ConfigError(f"run config 'feature-layer': must be head or block0..block15, "
+                              f"got {self.feature_layer!r}")
+        if self.min_train_replies > self.min_nodes:
+            raise ConfigError(
+                f"run config 'min-train-replies' ({self.min_train_replies}) exceeds 'min-nodes' "
+                f"({self.min_nodes}): a round could start with fewer nodes than it needs replies")
+        if self.min_evaluate_replies > self.min_nodes:
+            raise ConfigError(
+                f"run config 'min-evaluate-replies' ({self.min_evaluate_replies}) exceeds 'min-nodes' "
+                f"({self.min_nodes})")
+        if self.fraction_evaluate == 0.0 and self.min_evaluate_replies > 0:
+            raise ConfigError("run config 'min-evaluate-replies' must be 0 when 'fraction-evaluate' is 0")
+
+    # ------------------------------------------------------------ reading and writing
+    @classmethod
+    def from_flower(cls, values: Mapping[str, Any],
+                    overrides: Mapping[str, Any] | None = None) -> RunConfig:
+        """Read Flower's run config dict (kebab-case keys); missing keys take the defaults.
+
+        `overrides` (same keys) win over `values`: in-process simulation hands the apps an empty run config.
+        """
+        merged = dict(values)
+        merged.update(overrides or {})
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        kwargs = {}
+        for key, value in merged.items():
+            if key not in known:
+                raise ConfigError(f"unknown run config key '{key}'{_suggest(key, known)}")
+            kwargs[known[key].name] = _coerce("run config", key, value, known[key])
+        return cls(**kwargs)
+
+    def to_flower(self) -> dict[str, Any]:
+        """The resolved config as Flower's flat dict (kebab-case keys)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Default value per kebab-case key (what `[tool.flwr.app.config]` holds)."""
+        return {f.name.replace("_", "-"): f.default for f in fields(cls)}
+
+    @classmethod
+    def describe(cls) -> dict[str, str]:
+        """One line of help per kebab-case key."""
+        return {f.name.replace("_", "-"): f.metadata["help"] for f in fields(cls)}
+
+    @classmethod
+    def parse_assignments(cls, assignments: Iterable[str]) -> dict[str, Any]:
+        """Turn command-line `key=value` strings into typed run-config overrides (errors name the key)."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        out: dict[str, Any] = {}
+        for text in assignments:
+            key, sep, raw = text.partition("=")
+            key = key.strip()
+            if not sep:
+                raise ConfigError(f"expected key=value, got '{text}'")
+            if key not in known:
+                raise ConfigError(f"unknown run config key '{key}'{_suggest(key, known)}")
+            out[key] = _parse_text(key, raw.strip(), known[key])
+        return out
+
+    def preprocess_config(self):
+        """The preprocessing every site applies (common.preprocessing.PreprocessConfig)."""
+        from common.preprocessing import PreprocessConfig
+
+        return PreprocessConfig(size=self.image_size)
+
+    def model_config(self):
+        """The global model's configuration (common.models.ModelConfig)."""
+        from common.models import ModelConfig
+
+        return ModelConfig(kind=self.model, image_size=self.image_size, top_k=self.top_k,
+                           feature_layer=self.feature_layer, finetune_from=self.finetune_from,
+                           head_hidden=self.head_hidden)
+
+    def updated(self, **changes: Any) -> RunConfig:
+        """A copy with some fields (python names) changed, validated again."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return RunConfig(**values)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Who a hospital node is and where its data and its own state live (resolved, absolute paths).
+
+    Node config keys: ``data-dir`` (images), ``manifest`` (CSV; absent for a mini-MIAS folder), ``max-epsilon``
+    (the hospital's lifetime budget; default: run config ``max-epsilon``), ``state-dir`` (privacy ledger and
+    caches; must survive restarts). In simulation Flower adds ``partition-id`` and ``num-partitions``; the data
+    is then run config ``sim-data-dir`` cut by patient, and the state lives under ``sim-state-dir``.
+    """
+
+    data_dir: Path
+    state_dir: Path
+    max_epsilon: float
+    manifest: Path | None = None
+    partition_id: int | None = None
+    num_partitions: int | None = None
+
+    KEYS = ("data-dir", "manifest", "max-epsilon", "state-dir", "partition-id", "num-partitions")
+
+    @property
+    def is_simulation(self) -> bool:
+        return self.partition_id is not None
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "privacy-ledger.json"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.state_dir / "cache"
+
+    @classmethod
+    def from_flower(cls, values: Mapping[str, Any], *, run: RunConfig) -> NodeConfig:
+        """Read Flower's node config dict; defaults that depend on the run come from `run`."""
+        unknown = [k for k in values if k not in cls.KEYS]
+        if unknown:
+            raise ConfigError(f"unknown node config key '{unknown[0]}'{_suggest(unknown[0], cls.KEYS)}")
+        partition_id = _node_int(values, "partition-id")
+        num_partitions = _node_int(values, "num-partitions")
+        if (partition_id is None) != (num_partitions is None):
+            raise ConfigError("node config 'partition-id' and 'num-partitions' go together")
+        if partition_id is not None and not 0 <= partition_id < num_partitions:
+            raise ConfigError(f"node config 'partition-id' must be in [0, {num_partitions}), got {partition_id}")
+        max_epsilon = values.get("max-epsilon", run.max_epsilon)
+        if isinstance(max_epsilon, bool) or not isinstance(max_epsilon, (int, float)) \
+                or not math.isfinite(max_epsilon) or max_epsilon <= 0:
+            raise ConfigError(f"node config 'max-epsilon' must be a number > 0, got {max_epsilon!r}")
+        if partition_id is None:
+            data_dir = _node_path(values, "data-dir", required=True)
+            state_dir = _node_path(values, "state-dir", required=True)
+        else:
+            data_dir = _node_path(values, "data-dir") or _run_path(run.sim_data_dir, "sim-data-dir")
+            state_dir = _node_path(values, "state-dir") or (
+                _run_path(run.sim_state_dir, "sim-state-dir") / f"hospital-{partition_id}")
+        return cls(data_dir=data_dir, state_dir=state_dir, max_epsilon=float(max_epsilon),
+                   manifest=_node_path(values, "manifest"), partition_id=partition_id,
+                   num_partitions=num_partitions)
+
+
+# ---------------------------------------------------------------- checks
+def _suggest(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_of(f) -> type:
+    default = f.default if f.default is not MISSING else None
+    return type(default)
+
+
+def _coerce(channel: str, key: str, value: Any, f) -> Any:
+    kind = _type_of(f)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{channel} '{key}': expected true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{channel} '{key}': expected an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{channel} '{key}': expected a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{channel} '{key}': expected a string, got {value!r}")
+    return value
+
+
+def _parse_text(key: str, raw: str, f) -> Any:
+    kind = _type_of(f)
+    try:
+        if kind is bool:
+            lowered = raw.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError
+            return lowered in ("true", "1", "yes", "on")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError:
+        expected = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+        raise ConfigError(f"run config '{key}': expected {expected}, got '{raw}'") from None
+    return raw.strip("'\"")
+
+
+def _check_value(name: str, value: Any, f) -> None:
+    key = name.replace("_", "-")
+    _coerce("run config", key, value, f)
+    meta = f.metadata
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"run config '{key}': must be one of {', '.join(meta['choices'])}; got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"run config '{key}': must be finite, got {value!r}")
+        low, high = meta["low"], meta["high"]
+        if low is not None and (value < low or (meta["low_open"] and value == low)):
+            bound = ">" if meta["low_open"] else ">="
+            raise ConfigError(f"run config '{key}': must be {bound} {low}, got {value!r}")
+        if high is not None and value > high:
+            raise ConfigError(f"run config '{key}': must be <= {high}, got {value!r}")
+
+
+def _node_int(values: Mapping[str, Any], key: str) -> int | None:
+    value = values.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"node config '{key}': expected an integer, got {value!r}")
+    return value
+
+
+def _node_path(values: Mapping[str, Any], key: str, *, required: bool = False) -> Path | None:
+    value = values.get(key)
+    if value is None or value == "":
+        if required:
+            raise ConfigError(f"node config '{key}' is required for a hospital node "
+                              f"(flower-supernode --node-config \"{key}='/path'\")")
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"node config '{key}': expected a path string, got {value!r}")
+    return Path(value).expanduser().resolve()
+
+
+def _run_path(value: str, key: str) -> Path:
+    if not value:
+        raise ConfigError(f"run config '{key}' is required in simulation")
+    return Path(value).expanduser().resolve()

@@ -1,0 +1,83 @@
+"""Names of everything that crosses the wire between coordinator and hospital nodes.
+
+Server and client both import these constants, so a renamed key breaks both sides at once instead of silently
+dropping a value. Only arrays (model weights) and scalar aggregate numbers travel; this module lists all of them.
+
+Message layout (Flower Message API):
+
+- instruction (server -> node): ``RecordDict({ARRAYS: ArrayRecord(global weights), CONFIG: ConfigRecord})``;
+  the config carries ``SERVER_ROUND`` (and ``PROXIMAL_MU`` under FedProx), the rest of the settings come from the
+  run config that every node receives with the run.
+- train reply: ``{ARRAYS: ArrayRecord(local weights), METRICS: MetricRecord(TRAIN_METRIC_KEYS)}``.
+- refusal reply (node budget exhausted): ``{METRICS: MetricRecord(REFUSAL_METRIC_KEYS), REFUSAL:
+  ConfigRecord({REASON: str})}`` and no arrays (MetricRecords hold numbers only, so the reason travels apart).
+- evaluate reply: ``{METRICS: MetricRecord(NUM_EXAMPLES, EVAL_LOSS, metric names, confusion counts)}``.
+"""
+
+from __future__ import annotations
+
+from common.records import CLASS_NAMES
+
+# ---------------------------------------------------------------- records inside a Message
+ARRAYS = "arrays"  # ArrayRecord: model weights (plain state_dict keys, no `_module.` prefix)
+CONFIG = "config"  # ConfigRecord: per-round instructions from the server
+METRICS = "metrics"  # MetricRecord: numbers a node reports
+REFUSAL = "refusal"  # ConfigRecord: why a node did not train
+
+# ---------------------------------------------------------------- per-round config (server -> node)
+SERVER_ROUND = "server-round"  # injected by Flower's strategies
+PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx
+
+# ---------------------------------------------------------------- train reply metrics (node -> server)
+NUM_EXAMPLES = "num-examples"  # weight of the reply in averaging (Flower's default `weighted_by_key`)
+TRAIN_LOSS = "train-loss"
+EPSILON = "epsilon"  # the node's cumulative epsilon (all rounds, all runs) at DELTA
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise-multiplier"
+MAX_GRAD_NORM = "max-grad-norm"
+STEPS = "steps"  # cumulative DP-SGD steps recorded in the node's ledger
+DP_ENABLED = "dp-enabled"  # 1.0 / 0.0
+REFUSED = "refused"  # 1.0 in a refusal reply, 0.0 otherwise
+PARTITION_ID = "partition-id"  # simulation only: which virtual hospital replied (a number, never a name)
+MAX_EPSILON = "max-epsilon"  # the node's own budget (reported with a refusal)
+
+# ---------------------------------------------------------------- refusal record
+REASON = "reason"
+
+# ---------------------------------------------------------------- evaluate reply metrics (node -> server)
+EVAL_LOSS = "eval-loss"
+#: Metric names of `common.metrics` (auc_malignant, accuracy, ...) travel unchanged; an undefined metric (None
+#: there, e.g. an AUC on a split with one class) is left out of the reply.
+#: Confusion-matrix counts `cm_<true class>_<predicted class>` (as `common.metrics.scalar_metrics` writes them):
+#: counts are aggregate numbers, and summing them over hospitals gives the exact pooled confusion matrix.
+CONFUSION_PREFIX = "cm_"
+
+
+def confusion_key(true_index: int, predicted_index: int) -> str:
+    """Metric name of one confusion-matrix cell (class indices in CLASS_NAMES order)."""
+    return f"{CONFUSION_PREFIX}{CLASS_NAMES[true_index]}_{CLASS_NAMES[predicted_index]}"
+
+
+def confusion_cell(key: str) -> tuple[int, int] | None:
+    """(true index, predicted index) of a confusion metric name, None for any other name."""
+    for i in range(len(CLASS_NAMES)):
+        for j in range(len(CLASS_NAMES)):
+            if key == confusion_key(i, j):
+                return i, j
+    return None
+
+
+#: Keys every (non-refusal) train reply carries.
+TRAIN_METRIC_KEYS: tuple[str, ...] = (
+    NUM_EXAMPLES,
+    TRAIN_LOSS,
+    EPSILON,
+    DELTA,
+    NOISE_MULTIPLIER,
+    MAX_GRAD_NORM,
+    STEPS,
+    DP_ENABLED,
+    REFUSED,
+)
+#: Keys every refusal reply carries.
+REFUSAL_METRIC_KEYS: tuple[str, ...] = (NUM_EXAMPLES, REFUSED, EPSILON, DELTA, MAX_EPSILON, STEPS)

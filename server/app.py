@@ -1,0 +1,203 @@
+"""The coordinator's Flower ServerApp: rounds of DP training across hospitals, evaluation, checkpoints, report.
+
+``app`` (declared in pyproject as ``server.app:app``) reads the run config once, builds the global model, runs the
+strategy (``server.strategy``) with per-round federated evaluation and, where configured, centralised evaluation
+on a held-out test set, and writes the run directory (``server.run_directory``): ``metrics.json`` after every
+round, a checkpoint per round, and the final model bundle. With run config ``resume`` pointing at a run directory,
+the run continues from that directory's last checkpoint (round numbers continue; hospitals' epsilon keeps growing
+because their ledgers live on their own disks).
+
+In-process simulation hands the app an empty run config: :func:`make_server_app` takes the overrides, and the
+centralised evaluator (which reads images, so it is built on the hospital side of the code and injected here).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from common.bundle import BundleMeta, save_bundle
+from common.models import build_model
+from common.records import CLASS_NAMES
+from common.run_config import ConfigError, RunConfig
+from common.weights import exchanged_weights, load_weights
+from server.run_directory import RunDirectory, default_run_dir, eval_entry, final_from_federated
+from server.strategy import MammoStrategyMixin, build_strategy
+
+log = logging.getLogger(__name__)
+
+#: Given the run config, a function scoring a model on the held-out test set (or None: no test set).
+#: It returns a run-directory eval entry (``server.run_directory.eval_entry`` layout).
+CentralEvaluatorFactory = Callable[[RunConfig], Callable[[torch.nn.Module], dict] | None]
+
+FINAL_METRICS = ("auc_malignant", "auc_benign_vs_malignant", "accuracy", "precision", "recall", "specificity",
+                 "f1_macro", "confusion_matrix")
+
+#: Run config keys a resumed run must share with the run it continues.
+RESUME_MUST_MATCH = ("model", "image-size")
+
+
+def make_server_app(*, overrides: Mapping[str, Any] | None = None,
+                    central_evaluator: CentralEvaluatorFactory | None = None) -> ServerApp:
+    """A ServerApp; `overrides` win over Flower's run config (in-process simulation passes them here)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config = RunConfig.from_flower(context.run_config, overrides)
+        run_federation(grid, config, central_evaluator=central_evaluator)
+
+    return server_app
+
+
+def run_federation(grid: Grid, config: RunConfig, *,
+                   central_evaluator: CentralEvaluatorFactory | None = None) -> RunDirectory:
+    """Run (or resume) a federation to `config.num_server_rounds` rounds; returns its run directory.
+
+    Any failure (too few replies, a bad config, an interrupted strategy) is written to ``metrics.json`` as
+    ``status: failed`` and raised again, so the process exits non-zero.
+    """
+    run = open_run_directory(config)
+    try:
+        _run(grid, config, run, central_evaluator)
+    except BaseException as error:
+        run.fail(error)
+        raise
+    log.info("run directory: %s", run.path)
+    return run
+
+
+def open_run_directory(config: RunConfig) -> RunDirectory:
+    """Create the run directory, or reopen the one named by run config `resume`."""
+    if config.resume:
+        resume = Path(config.resume).expanduser().resolve()
+        if config.run_dir and Path(config.run_dir).expanduser().resolve() != resume:
+            raise ConfigError(f"run config 'run-dir' ({config.run_dir}) and 'resume' ({config.resume}) differ: a "
+                              f"resumed run continues in its own directory; leave 'run-dir' empty")
+        return RunDirectory.resume(resume, config=config.to_flower(), must_match=RESUME_MUST_MATCH)
+    path = Path(config.run_dir).expanduser().resolve() if config.run_dir else default_run_dir()
+    return RunDirectory.create(path, config=config.to_flower())
+
+
+class RoundRecorder:
+    """Flower's `evaluate_fn`: called after each round; adds centralised evaluation and writes the round entry."""
+
+    def __init__(self, run: RunDirectory, strategy: MammoStrategyMixin, model: torch.nn.Module,
+                 evaluator: Callable[[torch.nn.Module], dict] | None, accountant: str):
+        self.run, self.strategy, self.model, self.evaluator = run, strategy, model, evaluator
+        self.accountant = accountant
+        self.last_central: dict | None = None
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:  # Flower's call before the first round: nothing trained yet
+            return None
+        rnd = server_round + self.strategy.round_offset
+        train = self.strategy.train_metrics.get(rnd)
+        entry = {
+            "round": rnd,
+            "train_loss": _number(train, "train-loss"),
+            "epsilon_max": _number(train, "epsilon-max"),
+            "replies": {kind: reports[rnd].to_json() for kind, reports in
+                        (("train", self.strategy.train_reports), ("evaluate", self.strategy.evaluate_reports))
+                        if rnd in reports},
+        }
+        federated = self.strategy.evaluate_metrics.get(rnd)
+        if federated is not None:
+            entry["federated_eval"] = eval_entry(federated)
+        central = None
+        if self.evaluator is not None:
+            load_weights(self.model, {k: v.numpy() for k, v in arrays.items()}, source=f"round {rnd}")
+            central = self.evaluator(self.model.eval())
+            entry["centralised_eval"] = central
+            self.last_central = {**central, "round": rnd}
+        self.run.record_round(entry)
+        self.run.set_privacy({h: {**p, "accountant": self.accountant} for h, p in self.strategy.privacy.items()})
+        log.info("round %d: train loss %s, epsilon max %s", rnd, entry["train_loss"], entry["epsilon_max"])
+        if central is None:
+            return None
+        return MetricRecord({k: float(v) for k, v in central.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+
+def _run(grid: Grid, config: RunConfig, run: RunDirectory,
+         central_evaluator: CentralEvaluatorFactory | None) -> None:
+    torch.manual_seed(config.seed)
+    model = build_model(config.model_config())
+    strategy = build_strategy(config, checkpoints=run.checkpoints)
+    weights = exchanged_weights(model)
+    done = 0
+    if config.resume:
+        checkpoint = run.checkpoints.latest()
+        strategy.restore(checkpoint)
+        load_weights(model, checkpoint.arrays, source=f"checkpoint round {checkpoint.round}")
+        weights, done = checkpoint.arrays, checkpoint.round
+        if not any(r["round"] == done for r in run.rounds):  # interrupted between aggregation and evaluation
+            run.record_round(_entry_from_checkpoint(checkpoint))
+        log.info("resuming %s after round %d", run.path, done)
+    evaluator = central_evaluator(config) if central_evaluator and config.sim_central_eval else None
+    recorder = RoundRecorder(run, strategy, model, evaluator, config.accountant)
+    remaining = config.num_server_rounds - done
+    if remaining > 0:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord({k: Array(np.asarray(v)) for k, v in weights.items()}),
+            num_rounds=remaining,
+            timeout=config.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=recorder,
+        )
+        weights = {k: v.numpy() for k, v in result.arrays.items()}
+    else:
+        log.warning("run already has %d rounds (num-server-rounds = %d): nothing to train",
+                    done, config.num_server_rounds)
+    load_weights(model, weights, source="final global model")
+    final = _final(run, recorder, model, evaluator, config.num_server_rounds)
+    save_bundle(run.bundle_path, exchanged_weights(model), BundleMeta(
+        model_config=config.model_config(), preprocess_config=config.preprocess_config(), class_names=CLASS_NAMES,
+        info={"run_dir": str(run.path), "round": max(done, config.num_server_rounds), "final": final,
+              "versions": run.document["versions"]}))
+    run.finish(final)
+
+
+def _final(run: RunDirectory, recorder: RoundRecorder, model: torch.nn.Module,
+           evaluator: Callable[[torch.nn.Module], dict] | None, last_round: int) -> dict:
+    """The final metrics: held-out test set where there is one, else the last federated evaluation."""
+    if recorder.last_central is not None:
+        return {"source": "centralised-test", "class_names": list(CLASS_NAMES), **recorder.last_central}
+    if evaluator is not None:
+        return {"source": "centralised-test", "class_names": list(CLASS_NAMES), "round": last_round,
+                **evaluator(model.eval())}
+    for entry in reversed(run.rounds):
+        if "federated_eval" in entry:
+            return {"source": "federated", "class_names": list(CLASS_NAMES), "round": entry["round"],
+                    **final_from_federated(entry["federated_eval"])}
+    log.warning("the final model was not evaluated: no held-out test set and no federated evaluation")
+    return {"source": "none", "class_names": list(CLASS_NAMES), "round": last_round,
+            **{key: None for key in FINAL_METRICS},
+            "note": "no held-out test set and no federated evaluation (fraction-evaluate = 0)"}
+
+
+def _entry_from_checkpoint(checkpoint) -> dict:
+    """The round entry of a checkpointed round whose evaluation was interrupted (training numbers only)."""
+    metrics = checkpoint.meta.get("train_metrics", {})
+    report = checkpoint.meta.get("train_reports", {}).get(str(checkpoint.round))
+    return {"round": checkpoint.round, "train_loss": metrics.get("train-loss"),
+            "epsilon_max": metrics.get("epsilon-max"), "replies": {"train": report} if report else {},
+            "note": "the run stopped before this round was evaluated"}
+
+
+def _number(record: MetricRecord | None, key: str) -> float | None:
+    if record is None or key not in record:
+        return None
+    return float(record[key])
+
+
+app = make_server_app()

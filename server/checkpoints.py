@@ -1,0 +1,93 @@
+"""Per-round checkpoints of a federation: global weights, strategy state, and what resume needs to continue.
+
+One file per round, ``round-NNNN.npz`` (numpy archive, no pickle), written atomically (temporary file in the same
+folder, fsync, rename), so a crash mid-write leaves the previous checkpoint intact and never a half file under the
+final name. Keys: ``model:<name>`` (global weights), ``strategy:<name>`` (e.g. FedAdam moments) and ``__meta__``
+(JSON text: round number, per-hospital privacy, round reports).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+_NAME = re.compile(r"^round-(\d{4,})\.npz$")
+_MODEL, _STRATEGY, _META = "model:", "strategy:", "__meta__"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The state of a run after `round` completed rounds."""
+
+    round: int
+    arrays: dict[str, np.ndarray]
+    strategy_state: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+class CheckpointStore:
+    """The checkpoint folder of one run directory."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def path_for(self, round_number: int) -> Path:
+        return self.directory / f"round-{round_number:04d}.npz"
+
+    def save(self, checkpoint: Checkpoint) -> Path:
+        """Write atomically; returns the final path."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        payload = {f"{_MODEL}{k}": np.asarray(v) for k, v in checkpoint.arrays.items()}
+        payload.update({f"{_STRATEGY}{k}": np.asarray(v) for k, v in checkpoint.strategy_state.items()})
+        payload[_META] = np.asarray(json.dumps({**checkpoint.meta, "round": checkpoint.round}))
+        final = self.path_for(checkpoint.round)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(self.directory)
+        return final
+
+    def rounds(self) -> list[int]:
+        """Rounds with a complete checkpoint, ascending."""
+        if not self.directory.is_dir():
+            return []
+        found = (_NAME.match(p.name) for p in self.directory.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def load(self, round_number: int) -> Checkpoint:
+        with np.load(self.path_for(round_number), allow_pickle=False) as data:
+            meta = json.loads(str(data[_META]))
+            arrays = {k[len(_MODEL):]: data[k] for k in data.files if k.startswith(_MODEL)}
+            state = {k[len(_STRATEGY):]: data[k] for k in data.files if k.startswith(_STRATEGY)}
+        if meta.get("round") != round_number:
+            raise ValueError(f"checkpoint {self.path_for(round_number)} says round {meta.get('round')}")
+        return Checkpoint(round=round_number, arrays=arrays, strategy_state=state, meta=meta)
+
+    def latest(self) -> Checkpoint | None:
+        """The most recent checkpoint, or None when the run has none yet."""
+        rounds = self.rounds()
+        return self.load(rounds[-1]) if rounds else None
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

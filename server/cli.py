@@ -1,0 +1,86 @@
+"""`mammofl-coordinator`: the coordinator's command line (a thin layer over `server.certs`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from cryptography import x509
+from rich.console import Console
+from rich.markup import escape
+
+from server import certs
+
+app = typer.Typer(
+    name="mammofl-coordinator",
+    help="Coordinate a MammoFL federation: certificates, node keys.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+_console = Console(soft_wrap=True, highlight=False, markup=False)
+_errors = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+@app.callback()
+def _main() -> None:
+    """Coordinate a MammoFL federation: certificates, node keys."""
+
+
+@app.command("certs")
+def certs_command(
+    directory: Annotated[Path, typer.Argument(help="Folder for ca.crt, ca.key, server.pem, server.key.")],
+    san: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--san",
+            help="Extra host name or IP the SuperLink is reached at (repeatable), e.g. superlink or link.example.org.",
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
+    server_days: Annotated[
+        int, typer.Option("--server-days", min=1, help="Validity of the SuperLink certificate in days.")
+    ] = certs.SERVER_VALID_DAYS,
+    ca_days: Annotated[int, typer.Option("--ca-days", min=1, help="Validity of the CA in days.")] = certs.CA_VALID_DAYS,
+) -> None:
+    """Make the federation CA and the SuperLink TLS certificate."""
+    try:
+        paths = certs.write_certificates(
+            directory, extra_sans=san or (), force=force, ca_valid_days=ca_days, server_valid_days=server_days
+        )
+    except (FileExistsError, ValueError) as err:
+        _errors.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(1) from err
+    server_cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    names = server_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    shown = [str(n.value) for n in names]
+    _console.print(f"CA certificate      {paths.ca_cert}  (give to every hospital and to flwr CLI users)")
+    _console.print(f"CA key              {paths.ca_key}  (keep offline; not needed by the SuperLink)")
+    _console.print(f"SuperLink cert/key  {paths.server_cert}, {paths.server_key}")
+    _console.print(f"SuperLink names     {', '.join(shown)}")
+    _console.print(f"CA SHA-256          {certs.fingerprint(ca_cert)}")
+
+
+@app.command("node-keys")
+def node_keys_command(
+    directory: Annotated[Path, typer.Argument(help="Folder for the key pairs.")],
+    names: Annotated[list[str], typer.Argument(help="One name per hospital node, e.g. hospital-a.")],
+    curve: Annotated[
+        str, typer.Option("--curve", help=f"EC curve: {', '.join(certs.NODE_KEY_CURVES)}.")
+    ] = certs.DEFAULT_NODE_KEY_CURVE,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
+) -> None:
+    """Make SuperNode authentication key pairs (OpenSSH EC keys): NAME stays at the hospital, NAME.pub is registered."""
+    try:
+        made = certs.write_node_key_pairs(directory, names, curve=curve, force=force)
+    except (FileExistsError, ValueError) as err:
+        _errors.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(1) from err
+    for paths in made:
+        _console.print(f"{paths.private.name:<20} private {paths.private}  public {paths.public}")
+    _console.print("Register each public key with: flwr supernode register NAME.pub CONNECTION")
+
+
+if __name__ == "__main__":
+    app()

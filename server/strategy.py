@@ -1,0 +1,391 @@
+"""Flower strategies for MammoFL: FedAvg (default), FedProx, FedAdam with the checks a hospital federation needs.
+
+On top of Flower's own aggregation (``flwr.serverapp.strategy``), every round:
+
+- replies are sorted: failed (error replies), refused (a node's privacy budget would be exceeded; no weights),
+  rejected (update validation failed: missing/extra keys, wrong shape or dtype, NaN/Inf, L2 distance to the global
+  model above ``max_update_norm``, bad ``num-examples``) and valid; only valid replies are aggregated;
+- fewer valid replies than ``min_train_replies`` (``min_evaluate_replies``) raises :class:`TooFewReplies`: the run
+  fails loudly instead of exiting 0 with empty metrics, as Flower alone does;
+- epsilon is aggregated with MAX over every hospital that reported one (refusals included), never averaged (a
+  node training without DP reports +inf), and each hospital's latest privacy numbers are kept (``privacy``);
+- the train loss is the example-weighted mean over valid replies (a round of empty Poisson batches has none);
+- round numbers continue after a resume (``round_offset``) and a checkpoint is written after each aggregation.
+
+Before sampling, the strategy waits at most ``node_wait_timeout`` seconds for ``min_nodes`` connected nodes and
+then raises, where Flower would wait forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from common import wire
+from common.run_config import RunConfig
+from server.checkpoints import Checkpoint, CheckpointStore
+
+log = logging.getLogger(__name__)
+
+_OPTIONAL_TRAIN_KEYS = {wire.PARTITION_ID}
+_PRIVACY_FIELDS = {  # wire key -> privacy report field
+    wire.EPSILON: "epsilon",
+    wire.DELTA: "delta",
+    wire.NOISE_MULTIPLIER: "noise_multiplier",
+    wire.MAX_GRAD_NORM: "max_grad_norm",
+    wire.STEPS: "steps",
+    wire.MAX_EPSILON: "max_epsilon",
+}
+
+
+class TooFewReplies(RuntimeError):
+    """A round got fewer usable replies than configured (or too few nodes connected): the run cannot go on."""
+
+
+@dataclass
+class RoundReport:
+    """What happened to the replies of one train or evaluate step (counts and reasons, no data)."""
+
+    round: int
+    sampled: int = 0
+    valid: int = 0
+    refused: int = 0
+    rejected: int = 0
+    failed: int = 0
+    notes: list[str] = field(default_factory=list)  # "<hospital>: <what>", e.g. refusal or rejection reasons
+
+    @property
+    def missing(self) -> int:
+        return max(self.sampled - self.valid - self.refused - self.rejected - self.failed, 0)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "missing": self.missing}
+
+
+class MammoStrategyMixin:
+    """Reply checks, epsilon-by-max, refusal counting, round offset and checkpoints for a Flower strategy.
+
+    Mixed in before a ``flwr.serverapp.strategy`` class (see :class:`MammoFedAvg`); Flower's ``start()`` drives it.
+    """
+
+    def __init__(self, *, min_train_replies: int, min_evaluate_replies: int, max_update_norm: float = 0.0,
+                 node_wait_timeout: float = 600.0, round_offset: int = 0,
+                 checkpoints: CheckpointStore | None = None, **flower_kwargs):
+        super().__init__(**flower_kwargs)
+        self.min_train_replies = min_train_replies
+        self.min_evaluate_replies = min_evaluate_replies
+        self.max_update_norm = max_update_norm
+        self.node_wait_timeout = node_wait_timeout
+        self.round_offset = round_offset
+        self.checkpoints = checkpoints
+        self.train_reports: dict[int, RoundReport] = {}
+        self.evaluate_reports: dict[int, RoundReport] = {}
+        self.train_metrics: dict[int, MetricRecord] = {}  # round -> aggregated train metrics
+        self.evaluate_metrics: dict[int, MetricRecord] = {}  # round -> aggregated evaluation metrics
+        self.privacy: dict[str, dict] = {}  # hospital -> latest privacy numbers
+        self._global: dict[str, np.ndarray] = {}
+        self._sampled: dict[str, int] = {}
+
+    # ------------------------------------------------------------ configure
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._wait_for_nodes(grid, server_round + self.round_offset)
+        self._global = {k: v.numpy() for k, v in arrays.items()}
+        messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
+        self._sampled["train"] = len(messages)
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if self.fraction_evaluate > 0:
+            self._wait_for_nodes(grid, server_round + self.round_offset)
+        messages = list(super().configure_evaluate(server_round + self.round_offset, arrays, config, grid))
+        self._sampled["evaluate"] = len(messages)
+        return messages
+
+    # ------------------------------------------------------------ aggregate
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = server_round + self.round_offset
+        valid, report, epsilons = self._sort_train_replies(rnd, replies)
+        if len(valid) < self.min_train_replies:
+            raise TooFewReplies(
+                f"round {rnd}: {len(valid)} valid training replies, at least {self.min_train_replies} needed "
+                f"(sampled {report.sampled}: refused {report.refused}, rejected {report.rejected}, "
+                f"failed {report.failed}, no reply {report.missing}); " + "; ".join(report.notes))
+        arrays, metrics = super().aggregate_train(rnd, [_essentials(m) for m in valid])
+        if arrays is None:  # cannot happen with >= 1 valid reply; guard Flower's contract anyway
+            raise TooFewReplies(f"round {rnd}: aggregation produced no model")
+        metrics = MetricRecord(dict(metrics or {}))
+        metrics[wire.TRAIN_LOSS] = _weighted_mean(
+            [(m.content.metric_records[wire.METRICS][wire.TRAIN_LOSS],
+              m.content.metric_records[wire.METRICS][wire.NUM_EXAMPLES]) for m in valid])
+        metrics["epsilon-max"] = max(epsilons) if epsilons else float("nan")
+        for name in ("valid", "refused", "rejected", "failed"):
+            metrics[f"replies-{name}"] = getattr(report, name)
+        metrics["replies-missing"] = report.missing
+        self.train_metrics[rnd] = metrics
+        if self.checkpoints is not None:
+            self.checkpoints.save(self.checkpoint(rnd, arrays))
+        return arrays, metrics
+
+    def _sort_train_replies(self, rnd: int,
+                            replies: Iterable[Message]) -> tuple[list[Message], RoundReport, list[float]]:
+        """(valid replies, what happened to each reply, every epsilon reported) of one train step."""
+        report = RoundReport(round=rnd, sampled=self._sampled.pop("train", 0))
+        valid: list[Message] = []
+        epsilons: list[float] = []
+        for msg in replies:
+            hospital = self._hospital(msg)
+            if msg.has_error():
+                report.failed += 1
+                report.notes.append(f"{hospital}: failed: {msg.error.reason}")
+                continue
+            metrics = msg.content.metric_records.get(wire.METRICS)
+            eps = self._note_privacy(hospital, metrics, rnd) if metrics is not None else None
+            if eps is not None:
+                epsilons.append(eps)
+            if metrics is not None and metrics.get(wire.REFUSED) == 1:
+                report.refused += 1
+                entry = self.privacy.setdefault(hospital, {})
+                entry["refusals"] = entry.get("refusals", 0) + 1
+                reason = _refusal_reason(msg.content)
+                report.notes.append(f"{hospital}: " + (reason if reason.startswith("refused") else
+                                                       f"refused: {reason}"))
+                continue
+            problem = self.validate_train_reply(msg.content)
+            if problem:
+                report.rejected += 1
+                report.notes.append(f"{hospital}: rejected: {problem}")
+                continue
+            valid.append(msg)
+        report.valid = len(valid)
+        report.sampled = max(report.sampled, report.valid + report.refused + report.rejected + report.failed)
+        self.train_reports[rnd] = report
+        for note in report.notes:
+            log.warning("round %d train: %s", rnd, note)
+        return valid, report, epsilons
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        rnd = server_round + self.round_offset
+        report = RoundReport(round=rnd, sampled=self._sampled.pop("evaluate", 0))
+        records: list[MetricRecord] = []
+        for msg in replies:
+            hospital = self._hospital(msg)
+            if msg.has_error():
+                report.failed += 1
+                report.notes.append(f"{hospital}: failed: {msg.error.reason}")
+                continue
+            metrics = msg.content.metric_records.get(wire.METRICS)
+            n = metrics.get(wire.NUM_EXAMPLES) if metrics is not None else None
+            if not _is_count(n) or n <= 0:
+                report.rejected += 1
+                report.notes.append(f"{hospital}: rejected: evaluate reply without a positive "
+                                    f"'{wire.NUM_EXAMPLES}'")
+                continue
+            records.append(metrics)
+        report.valid = len(records)
+        report.sampled = max(report.sampled, report.valid + report.rejected + report.failed)
+        self.evaluate_reports[rnd] = report
+        for note in report.notes:
+            log.warning("round %d evaluate: %s", rnd, note)
+        if len(records) < self.min_evaluate_replies:
+            raise TooFewReplies(
+                f"round {rnd}: {len(records)} evaluation replies, at least {self.min_evaluate_replies} needed "
+                f"(sampled {report.sampled}: rejected {report.rejected}, failed {report.failed}, "
+                f"no reply {report.missing}); " + "; ".join(report.notes))
+        if not records:
+            return None
+        self.evaluate_metrics[rnd] = aggregate_evaluation(records)
+        return self.evaluate_metrics[rnd]
+
+    # ------------------------------------------------------------ checks
+    def validate_train_reply(self, content: RecordDict) -> str | None:
+        """Why a train reply must not be aggregated, or None when it is usable."""
+        if set(content.array_records) != {wire.ARRAYS} or set(content.metric_records) != {wire.METRICS}:
+            return (f"expected one ArrayRecord '{wire.ARRAYS}' and one MetricRecord '{wire.METRICS}', got "
+                    f"{sorted(content.array_records)} and {sorted(content.metric_records)}")
+        metrics = content.metric_records[wire.METRICS]
+        missing = [k for k in wire.TRAIN_METRIC_KEYS if k not in metrics]
+        if missing:
+            return f"metrics lack {missing}"
+        extra = sorted(set(metrics) - set(wire.TRAIN_METRIC_KEYS) - _OPTIONAL_TRAIN_KEYS)
+        if extra:
+            return f"unexpected metrics {extra}"
+        n = metrics[wire.NUM_EXAMPLES]
+        if not _is_count(n) or n <= 0:
+            return f"'{wire.NUM_EXAMPLES}' must be a positive integer, got {n!r}"
+        if isinstance(metrics[wire.TRAIN_LOSS], list):
+            return f"'{wire.TRAIN_LOSS}' must be a number"
+        arrays = content.array_records[wire.ARRAYS]
+        if set(arrays) != set(self._global):
+            diff = sorted(set(arrays) ^ set(self._global))
+            return f"weights do not match the global model's keys (differ: {diff[:5]})"
+        squared = 0.0
+        for key, array in arrays.items():
+            local, ref = array.numpy(), self._global[key]
+            if local.shape != ref.shape or local.dtype != ref.dtype:
+                return f"'{key}' is {local.dtype}{list(local.shape)}, expected {ref.dtype}{list(ref.shape)}"
+            if local.dtype.kind in "fc":
+                if not np.all(np.isfinite(local)):
+                    return f"'{key}' holds NaN or Inf"
+                squared += float(np.sum(np.square(local.astype(np.float64) - ref.astype(np.float64))))
+        norm = math.sqrt(squared)
+        if self.max_update_norm > 0 and norm > self.max_update_norm:
+            return f"update norm {norm:.4g} exceeds the bound {self.max_update_norm:.4g}"
+        return None
+
+    # ------------------------------------------------------------ state for checkpoints and resume
+    def checkpoint(self, rnd: int, arrays: ArrayRecord) -> Checkpoint:
+        """What resume needs after round `rnd`: weights, optimiser state, privacy and reply reports."""
+        return Checkpoint(
+            round=rnd,
+            arrays={k: v.numpy() for k, v in arrays.items()},
+            strategy_state=self.state_arrays(),
+            meta={"privacy": self.privacy,
+                  "train_reports": {str(r): rep.to_json() for r, rep in self.train_reports.items()},
+                  "train_metrics": dict(self.train_metrics.get(rnd, {}))},
+        )
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Server optimiser state (FedAdam moments) as flat arrays; empty for FedAvg/FedProx."""
+        out: dict[str, np.ndarray] = {}
+        for name in ("m_t", "v_t"):
+            for key, value in (getattr(self, name, None) or {}).items():
+                out[f"{name}/{key}"] = np.asarray(value)
+        return out
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue after `checkpoint`: round numbering, optimiser state, privacy of every hospital seen."""
+        self.round_offset = checkpoint.round
+        self.privacy = {k: dict(v) for k, v in checkpoint.meta.get("privacy", {}).items()}
+        for name in ("m_t", "v_t"):
+            prefix = f"{name}/"
+            values = {k[len(prefix):]: v for k, v in checkpoint.strategy_state.items() if k.startswith(prefix)}
+            if values and hasattr(self, name):
+                setattr(self, name, values)
+
+    # ------------------------------------------------------------ internals
+    def _wait_for_nodes(self, grid: Grid, rnd: int) -> None:
+        deadline = time.monotonic() + self.node_wait_timeout
+        while (connected := len(list(grid.get_node_ids()))) < self.min_available_nodes:
+            if time.monotonic() >= deadline:
+                raise TooFewReplies(f"round {rnd}: {connected} nodes connected after waiting "
+                                    f"{self.node_wait_timeout:.0f} s, at least {self.min_available_nodes} needed")
+            time.sleep(1.0)
+
+    def _hospital(self, msg: Message) -> str:
+        """Name a hospital by its simulation partition, else by its Flower node id (never by its data)."""
+        if msg.has_content():
+            metrics = msg.content.metric_records.get(wire.METRICS)
+            if metrics is not None and _is_count(metrics.get(wire.PARTITION_ID)):
+                return f"partition-{int(metrics[wire.PARTITION_ID])}"
+        return f"node-{msg.metadata.src_node_id}"
+
+    def _note_privacy(self, hospital: str, metrics: MetricRecord, rnd: int) -> float | None:
+        eps = metrics.get(wire.EPSILON)
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or math.isnan(eps):
+            return None  # +inf is kept: training without DP has no bound
+        entry = self.privacy.setdefault(hospital, {})
+        for key, name in _PRIVACY_FIELDS.items():
+            if _finite(metrics.get(key)):
+                entry[name] = metrics[key] if name != "steps" else int(metrics[key])
+        entry["epsilon"] = float(eps)
+        if wire.DP_ENABLED in metrics:
+            entry["dp"] = bool(metrics[wire.DP_ENABLED])
+        entry["last_round"] = rnd
+        return float(eps)
+
+
+class MammoFedAvg(MammoStrategyMixin, FedAvg):
+    """FedAvg with MammoFL's reply checks."""
+
+
+class MammoFedProx(MammoStrategyMixin, FedProx):
+    """FedProx (``proximal-mu`` sent to nodes each round) with MammoFL's reply checks."""
+
+
+class MammoFedAdam(MammoStrategyMixin, FedAdam):
+    """FedAdam (server-side Adam on the averaged update) with MammoFL's reply checks."""
+
+
+def build_strategy(config: RunConfig, *, checkpoints: CheckpointStore | None = None) -> MammoStrategyMixin:
+    """The strategy named by run config `strategy`, sized by its min-* / fraction-* / timeout settings."""
+    common = dict(
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=config.min_nodes,
+        min_evaluate_nodes=config.min_nodes if config.fraction_evaluate > 0 else 0,
+        min_available_nodes=config.min_nodes,
+        weighted_by_key=wire.NUM_EXAMPLES,
+        arrayrecord_key=wire.ARRAYS,
+        configrecord_key=wire.CONFIG,
+        min_train_replies=config.min_train_replies,
+        min_evaluate_replies=config.min_evaluate_replies,
+        max_update_norm=config.max_update_norm,
+        node_wait_timeout=config.round_timeout,
+        checkpoints=checkpoints,
+    )
+    if config.strategy == "fedavg":
+        return MammoFedAvg(**common)
+    if config.strategy == "fedprox":
+        return MammoFedProx(**common, proximal_mu=config.proximal_mu)
+    return MammoFedAdam(**common, eta=config.fedadam_eta, eta_l=config.lr, beta_1=config.fedadam_beta_1,
+                        beta_2=config.fedadam_beta_2, tau=config.fedadam_tau)
+
+
+def aggregate_evaluation(records: list[MetricRecord]) -> MetricRecord:
+    """Combine evaluation replies: confusion counts and examples summed, other metrics example-weighted means.
+
+    A metric a hospital could not compute (NaN, e.g. an AUC on a split with one class) is left out of that
+    metric's mean instead of turning it into NaN; a metric nobody could compute stays NaN.
+    """
+    out = MetricRecord()
+    weights = [float(r[wire.NUM_EXAMPLES]) for r in records]
+    out[wire.NUM_EXAMPLES] = int(sum(weights))
+    keys = sorted({k for r in records for k in r if k != wire.NUM_EXAMPLES})
+    for key in keys:
+        if wire.confusion_cell(key) is not None:
+            out[key] = int(sum(int(r.get(key, 0)) for r in records))
+            continue
+        out[key] = _weighted_mean([(r[key], w) for r, w in zip(records, weights) if key in r])
+    return out
+
+
+def _weighted_mean(pairs: list[tuple[object, float]]) -> float:
+    """Mean of the finite values weighted by their weights; NaN when there is none."""
+    usable = [(float(v), float(w)) for v, w in pairs if _finite(v) and w > 0]
+    total = sum(w for _, w in usable)
+    return sum(v * w for v, w in usable) / total if total > 0 else float("nan")
+
+
+def _essentials(msg: Message) -> Message:
+    """The reply reduced to what Flower averages (weights, weighted by num-examples), same metadata."""
+    metrics = msg.content.metric_records[wire.METRICS]
+    content = RecordDict({
+        wire.ARRAYS: msg.content.array_records[wire.ARRAYS],
+        wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: metrics[wire.NUM_EXAMPLES]}),
+    })
+    return Message(content=content, metadata=msg.metadata)
+
+
+def _refusal_reason(content: RecordDict) -> str:
+    record = content.config_records.get(wire.REFUSAL)
+    reason = record.get(wire.REASON) if record is not None else None
+    return str(reason) if reason else "no reason given"
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value) -> bool:
+    return _finite(value) and float(value) == int(value)

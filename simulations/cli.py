@@ -1,0 +1,204 @@
+"""`mammofl-sim`: simulate a federation of virtual hospitals on one machine, and its baselines.
+
+Thin: each command resolves a typed config (``simulations.presets``) and calls a plain function
+(``simulations.run``, ``simulations.partition_plot``). Heavy imports (torch, Flower, Ray) happen only inside the
+commands that need them, so ``--help`` and config errors are instant.
+
+Exit codes: 0 the run completed and wrote its run directory; 1 the run failed (the run directory says why);
+2 bad input (unknown preset or key, bad value, missing data folder).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from common.run_config import ConfigError, RunConfig
+from simulations.presets import NUM_HOSPITALS, PRESETS, resolve
+
+app = typer.Typer(
+    name="mammofl-sim",
+    help="MammoFL for researchers: federations of virtual hospitals cut from a public data set, with baselines.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+MODES = ("federated", "centralised", "local")
+
+_console = Console()
+_errors = Console(stderr=True)
+
+
+@app.callback()
+def main() -> None:
+    """MammoFL for researchers: federations of virtual hospitals cut from a public data set, with baselines."""
+
+
+@app.command("run")
+def run_command(
+    preset: Annotated[str, typer.Option("--preset", "-p", help=f"One of: {', '.join(PRESETS)}.")] = "smoke",
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", metavar="DIR",
+                                                  help="mini-MIAS folder (Info.txt + images).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", metavar="DIR",
+                                             help="Run directory to create (must not hold a run).")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
+                                                   help="Override a run-config key or num-hospitals; "
+                                                        "repeatable. `mammofl-sim keys` lists them.")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="federated | centralised (pooled data) | local "
+                                                     "(each hospital alone).")] = "federated",
+    resume: Annotated[Path | None, typer.Option("--resume", metavar="RUN_DIR",
+                                                help="Continue an interrupted federated run from its last "
+                                                     "checkpoint (--set may raise num-server-rounds).")] = None,
+    state_dir: Annotated[Path | None, typer.Option("--state-dir", metavar="DIR",
+                                                   help="Virtual hospitals' disks (ledgers, caches); "
+                                                        "default RUN_DIR/hospitals.")] = None,
+    live: Annotated[bool, typer.Option("--live/--no-live", help="Live round table.")] = True,
+) -> None:
+    """Run PRESET in MODE on the data in DIR, writing the run-directory contract to --out."""
+    try:
+        if resume is not None:
+            if out is not None or data_dir is not None:
+                raise ConfigError("--resume continues a run in its own directory with its own data: leave out "
+                                  "--out and --data-dir")
+            from simulations.run import resume_request
+
+            request = resume_request(resume, sets or [])
+        else:
+            if mode not in MODES:
+                raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
+            if data_dir is None or out is None:
+                raise ConfigError("--data-dir and --out are required (or --resume RUN_DIR)")
+            config = resolve(preset, sets or [])  # config errors before any heavy import
+            from simulations.run import SimulationRequest
+
+            request = SimulationRequest(config=config, mode=mode, data_dir=data_dir, run_dir=out,
+                                        state_dir=state_dir)
+        request.check()
+    except (ConfigError, FileNotFoundError, FileExistsError) as error:
+        _fail(EXIT_BAD_INPUT, str(error))
+    sim = request.config
+    _errors.print(f"[bold]{request.mode}[/] run, preset [bold]{sim.preset}[/], {sim.num_hospitals} hospitals, "
+                  f"model {sim.run.model}, DP {'on' if sim.run.dp else 'off'} -> {escape(str(request.run_dir))}",
+                  highlight=False)
+    from simulations.run import SimulationError, flower_environment, run_mode
+
+    flower_environment()
+    setup_logging(live=live)
+    try:
+        result = run_mode(request, live=live)
+    except SimulationError as error:
+        _fail(EXIT_FAILED, str(error))
+    print_result(result, _console)
+
+
+@app.command("partitions")
+def partitions_command(
+    data_dir: Annotated[Path, typer.Option("--data-dir", metavar="DIR", help="mini-MIAS folder.")],
+    out: Annotated[Path, typer.Option("--out", metavar="PNG", help="Where to write the plot.")],
+    preset: Annotated[str, typer.Option("--preset", "-p", help=f"One of: {', '.join(PRESETS)}.")] = "demo",
+    scheme: Annotated[str | None, typer.Option("--scheme", help="iid | dirichlet | tissue (overrides the "
+                                                                 "preset's sim-partition).")] = None,
+    hospitals: Annotated[int | None, typer.Option("--hospitals", min=1, help="Number of hospitals.")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
+                                                   help="As for `run` (seed, sim-dirichlet-alpha, ...).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Also print the per-hospital counts as JSON.")]
+    = False,
+) -> None:
+    """Plot how PRESET (or --scheme) cuts the data in DIR into hospitals: classes and tissue per hospital."""
+    from simulations.hospitals import virtual_hospitals
+
+    assignments = list(sets or [])
+    if scheme is not None:
+        assignments.append(f"sim-partition={scheme}")
+    if hospitals is not None:
+        assignments.append(f"{NUM_HOSPITALS}={hospitals}")
+    try:
+        sim = resolve(preset, assignments)
+        if not (data_dir / "Info.txt").is_file():
+            raise FileNotFoundError(f"{data_dir} is not a mini-MIAS folder (no Info.txt)")
+        split = virtual_hospitals(data_dir, sim)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        _fail(EXIT_BAD_INPUT, str(error))
+    path = split.plot(out)
+    if json_output:
+        sys.stdout.write(json.dumps(split.summary(), indent=2) + "\n")
+    _errors.print(f"partition plot: {escape(str(path))}", highlight=False)
+
+
+@app.command("presets")
+def presets_command() -> None:
+    """List the presets and what they change."""
+    table = Table(title="presets")
+    for column in ("name", "hospitals", "description", "overrides"):
+        table.add_column(column)
+    for preset in PRESETS.values():
+        table.add_row(preset.name, str(preset.num_hospitals), preset.description,
+                      ", ".join(f"{k}={v}" for k, v in preset.overrides.items()))
+    _console.print(table)
+
+
+@app.command("keys")
+def keys_command() -> None:
+    """List the keys `--set` accepts, with defaults."""
+    table = Table(title="--set keys")
+    for column in ("key", "default", "meaning"):
+        table.add_column(column)
+    table.add_row(NUM_HOSPITALS, "(preset)", "virtual hospitals (Flower SuperNodes)")
+    defaults = RunConfig.defaults()
+    for key, text in RunConfig.describe().items():
+        table.add_row(key, repr(defaults[key]), text)
+    _console.print(table)
+
+
+def setup_logging(*, live: bool) -> None:
+    """One root handler on stderr (before any library installs its own): INFO from MammoFL, warnings from the
+    rest. Flower keeps its own handler.
+
+    With the live table, Flower's per-round INFO lines are left out: the table shows the rounds.
+    """
+    import logging
+
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=_errors, show_path=False)])
+    for package in ("simulations", "server", "client", "common"):
+        logging.getLogger(package).setLevel(logging.INFO)
+    flower = logging.getLogger("flwr")
+    flower.propagate = False  # it prints through its own console handler already
+    if live:
+        flower.setLevel(logging.WARNING)
+
+
+def print_result(result, console: Console) -> None:
+    """Where the run wrote its outputs, and its headline numbers."""
+    final = result.final or {}
+    console.print(f"run directory: {result.run_dir}", highlight=False, soft_wrap=True)
+    console.print(f"metrics:       {result.metrics_path}", highlight=False, soft_wrap=True)
+    for bundle in result.bundles:
+        console.print(f"model bundle:  {bundle}", highlight=False, soft_wrap=True)
+    console.print(f"AUC malignant ({final.get('source', '?')}): {_number(final.get('auc_malignant'))}   "
+                  f"accuracy: {_number(final.get('accuracy'))}   epsilon max: {_number(result.epsilon_max, 2)}",
+                  highlight=False)
+
+
+def _number(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _fail(code: int, message: str) -> None:
+    _errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+if __name__ == "__main__":
+    app()

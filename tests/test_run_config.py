@@ -1,0 +1,88 @@
+"""Run and node configuration: defaults equal pyproject's, unknown keys and bad values name the key."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from common.run_config import ConfigError, NodeConfig, RunConfig
+from conftest import REPO_ROOT
+
+
+def test_defaults_are_exactly_the_pyproject_run_config():
+    declared = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == RunConfig.defaults()
+    assert RunConfig.from_flower(declared) == RunConfig()
+
+
+def test_empty_run_config_gives_defaults_and_overrides_win():
+    config = RunConfig.from_flower({}, {"lr": 1, "dp": False, "strategy": "fedprox"})
+    assert (config.lr, config.dp, config.strategy, config.num_server_rounds) == (1.0, False, "fedprox", 3)
+    assert isinstance(config.lr, float)
+    assert RunConfig.from_flower({"lr": 0.5}, {"lr": 0.2}).lr == 0.2
+    assert RunConfig.from_flower(config.to_flower()) == config
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"learning-rate": 0.1}, "unknown run config key 'learning-rate'"),
+    ({"num-server-round": 2}, "did you mean 'num-server-rounds'"),
+    ({"lr": 0}, "run config 'lr': must be > 0.0, got 0"),
+    ({"lr": "0.1"}, "run config 'lr': expected a number, got '0.1'"),
+    ({"num-server-rounds": 2.5}, "run config 'num-server-rounds': expected an integer"),
+    ({"dp": 1}, "run config 'dp': expected true or false"),
+    ({"seed": True}, "run config 'seed': expected an integer"),
+    ({"strategy": "krum"}, "run config 'strategy': must be one of fedavg, fedprox, fedadam; got 'krum'"),
+    ({"model": "resnet"}, "run config 'model': must be one of"),
+    ({"fraction-train": 1.5}, "run config 'fraction-train': must be <= 1.0"),
+    ({"delta": float("nan")}, "run config 'delta': must be finite"),
+    ({"min-nodes": 1}, "'min-train-replies' (2) exceeds 'min-nodes' (1)"),
+    ({"fraction-evaluate": 0.0}, "'min-evaluate-replies' must be 0 when 'fraction-evaluate' is 0"),
+])
+def test_bad_run_config_names_the_key(values, message):
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_flower(values)
+    assert message in str(error.value)
+
+
+def test_command_line_assignments_are_typed():
+    parsed = RunConfig.parse_assignments(["lr=0.2", "dp=false", "num-server-rounds=4", "model=effnet_head"])
+    assert parsed == {"lr": 0.2, "dp": False, "num-server-rounds": 4, "model": "effnet_head"}
+    with pytest.raises(ConfigError, match="run config 'num-server-rounds': expected an integer, got 'four'"):
+        RunConfig.parse_assignments(["num-server-rounds=four"])
+    with pytest.raises(ConfigError, match="unknown run config key 'lrr'"):
+        RunConfig.parse_assignments(["lrr=1"])
+
+
+def test_deployment_node_needs_its_data_and_state_dirs(tmp_path):
+    run = RunConfig(max_epsilon=8.0)
+    node = NodeConfig.from_flower({"data-dir": str(tmp_path / "d"), "state-dir": str(tmp_path / "s")}, run=run)
+    assert (node.data_dir, node.state_dir, node.max_epsilon, node.is_simulation) == \
+        (tmp_path / "d", tmp_path / "s", 8.0, False)
+    assert node.ledger_path == tmp_path / "s" / "privacy-ledger.json"
+    own_budget = NodeConfig.from_flower({"data-dir": "/d", "state-dir": "/s", "max-epsilon": 3}, run=run)
+    assert own_budget.max_epsilon == 3.0
+    with pytest.raises(ConfigError, match="node config 'state-dir' is required"):
+        NodeConfig.from_flower({"data-dir": "/d"}, run=run)
+    with pytest.raises(ConfigError, match="unknown node config key 'data_dir' .did you mean 'data-dir'"):
+        NodeConfig.from_flower({"data_dir": "/d", "state-dir": "/s"}, run=run)
+    with pytest.raises(ConfigError, match="node config 'max-epsilon' must be a number > 0"):
+        NodeConfig.from_flower({"data-dir": "/d", "state-dir": "/s", "max-epsilon": 0}, run=run)
+
+
+def test_simulation_node_takes_data_and_state_from_the_run(tmp_path):
+    run = RunConfig(sim_data_dir=str(tmp_path / "mias"), sim_state_dir=str(tmp_path / "state"))
+    node = NodeConfig.from_flower({"partition-id": 1, "num-partitions": 3}, run=run)
+    assert (node.data_dir, node.state_dir) == (tmp_path / "mias", tmp_path / "state" / "hospital-1")
+    assert node.is_simulation and node.max_epsilon == 10.0
+    with pytest.raises(ConfigError, match="'partition-id' must be in \\[0, 3\\), got 3"):
+        NodeConfig.from_flower({"partition-id": 3, "num-partitions": 3}, run=run)
+    with pytest.raises(ConfigError, match="run config 'sim-state-dir' is required in simulation"):
+        NodeConfig.from_flower({"partition-id": 0, "num-partitions": 2}, run=RunConfig(sim_data_dir="/x"))
+
+
+def test_run_config_is_frozen():
+    with pytest.raises(AttributeError):
+        RunConfig().lr = 1.0  # type: ignore[misc]
+    assert isinstance(RunConfig().updated(lr=0.3), RunConfig)
+    assert RunConfig(image_size=64).preprocess_config().size == 64
