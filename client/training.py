@@ -153,7 +153,7 @@ def train_local(model: nn.Module, train_set: Dataset, *, config: LocalTrainConfi
     if dp.enabled:
         engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
         prior = PrivacyAccountant.from_state_dict(accountant_state, mechanism=dp.accountant)
-        engine.accountant.history = prior.history
+        engine.accountant.load_state_dict(prior.state_dict())  # carried over, not reset (DESIGN §5)
         private = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
@@ -92,7 +92,7 @@ class MammoStrategyMixin:
         self.evaluate_metrics: dict[int, MetricRecord] = {}  # round -> aggregated evaluation metrics
         self.privacy: dict[str, dict] = {}  # hospital -> latest privacy numbers
         self._global: dict[str, np.ndarray] = {}
-        self._sampled: dict[str, int] = {}
+        self._sent: dict[str, list[Metadata]] = {}  # "train"/"evaluate" -> the instructions' metadata
 
     # ------------------------------------------------------------ configure
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -100,7 +100,7 @@ class MammoStrategyMixin:
         self._wait_for_nodes(grid, server_round + self.round_offset)
         self._global = {k: v.numpy() for k, v in arrays.items()}
         messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
-        self._sampled["train"] = len(messages)
+        self._sent["train"] = [m.metadata for m in messages]
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -108,7 +108,7 @@ class MammoStrategyMixin:
         if self.fraction_evaluate > 0:
             self._wait_for_nodes(grid, server_round + self.round_offset)
         messages = list(super().configure_evaluate(server_round + self.round_offset, arrays, config, grid))
-        self._sampled["evaluate"] = len(messages)
+        self._sent["evaluate"] = [m.metadata for m in messages]
         return messages
 
     # ------------------------------------------------------------ aggregate
@@ -140,11 +140,12 @@ class MammoStrategyMixin:
     def _sort_train_replies(self, rnd: int,
                             replies: Iterable[Message]) -> tuple[list[Message], RoundReport, list[float]]:
         """(valid replies, what happened to each reply, every epsilon reported) of one train step."""
-        report = RoundReport(round=rnd, sampled=self._sampled.pop("train", 0))
+        sent = self._sent.pop("train", [])
+        report = RoundReport(round=rnd, sampled=len(sent))
         valid: list[Message] = []
         epsilons: list[float] = []
         for msg in replies:
-            hospital = self._hospital(msg)
+            hospital = self._hospital(msg, sent)
             if msg.has_error():
                 report.failed += 1
                 report.notes.append(f"{hospital}: failed: {msg.error.reason}")
@@ -176,10 +177,11 @@ class MammoStrategyMixin:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rnd = server_round + self.round_offset
-        report = RoundReport(round=rnd, sampled=self._sampled.pop("evaluate", 0))
+        sent = self._sent.pop("evaluate", [])
+        report = RoundReport(round=rnd, sampled=len(sent))
         records: list[MetricRecord] = []
         for msg in replies:
-            hospital = self._hospital(msg)
+            hospital = self._hospital(msg, sent)
             if msg.has_error():
                 report.failed += 1
                 report.notes.append(f"{hospital}: failed: {msg.error.reason}")
@@ -282,13 +284,19 @@ class MammoStrategyMixin:
                                     f"{self.node_wait_timeout:.0f} s, at least {self.min_available_nodes} needed")
             time.sleep(1.0)
 
-    def _hospital(self, msg: Message) -> str:
-        """Name a hospital by its simulation partition, else by its Flower node id (never by its data)."""
+    def _hospital(self, msg: Message, sent: list[Metadata]) -> str:
+        """Name a hospital by its simulation partition, else by its Flower node id (never by its data).
+
+        The node id is the destination of the instruction `msg` answers (`sent`: their metadata, whose message
+        ids the grid filled in when it pushed them): an error reply the SuperLink makes for a node that went
+        offline comes from the SuperLink itself (``src_node_id`` 1), not from the node.
+        """
         if msg.has_content():
             metrics = msg.content.metric_records.get(wire.METRICS)
             if metrics is not None and _is_count(metrics.get(wire.PARTITION_ID)):
                 return f"partition-{int(metrics[wire.PARTITION_ID])}"
-        return f"node-{msg.metadata.src_node_id}"
+        to = {m.message_id: m.dst_node_id for m in sent if m.message_id}
+        return f"node-{to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)}"
 
     def _note_privacy(self, hospital: str, metrics: MetricRecord, rnd: int) -> float | None:
         eps = metrics.get(wire.EPSILON)

@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from common.run_config import ConfigError, RunConfig
-from simulations.presets import NUM_HOSPITALS, PRESETS, resolve
+from simulations.presets import MODES, NUM_HOSPITALS, PRESETS, resolve
 
 app = typer.Typer(
     name="mammofl-sim",
@@ -32,7 +32,6 @@ app = typer.Typer(
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
-MODES = ("federated", "centralised", "local")
 
 _console = Console()
 _errors = Console(stderr=True)
@@ -95,6 +94,8 @@ def run_command(
     setup_logging(live=live)
     try:
         result = run_mode(request, live=live)
+    except ConfigError as error:  # e.g. more hospitals than patients
+        _fail(EXIT_BAD_INPUT, str(error))
     except SimulationError as error:
         _fail(EXIT_FAILED, str(error))
     print_result(result, _console)

@@ -2,7 +2,8 @@
 
 :class:`RoundWatcher` polls ``metrics.json`` (rewritten atomically after every round by whoever runs the
 rounds) in a background thread and hands each new document to a callback. :class:`RoundTable` is such a
-callback: a Rich live table with one row per round (train loss, epsilon max, federated and held-out AUC, replies).
+callback: a Rich live table with one row per round (train loss, epsilon max, AUC on the hospitals' validation
+splits and on the held-out test set, replies).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,7 +102,7 @@ class RoundTable:
 
     def _render(self) -> Group:
         table = Table(title=self.title, title_justify="left", expand=False)
-        for name in ("round", "train loss", "ε max", "fed. AUC malig.", "test AUC malig.", "test acc.",
+        for name in ("round", "train loss", "ε max", "val. AUC malig.", "test AUC malig.", "test acc.",
                      "replies"):
             table.add_column(name, justify="right")
         for entry in self._document.get("rounds") or []:

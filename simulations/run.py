@@ -17,8 +17,10 @@ Modes (same virtual hospitals, same patient splits, same seed, same model, same 
   per-round mean over hospitals and, in ``final``, the mean of the hospitals' held-out test metrics (plus each
   hospital's own under ``final["per_hospital"]``).
 
-Every run directory also gets ``partitions.png`` (the split) and ``simulation.json`` (preset, hospitals, mode,
-data folder: what ``--resume`` needs).
+Every run directory also gets ``partitions.png`` (the split), ``simulation.json`` (preset, hospitals, mode, data
+and state folders, per-hospital counts: what ``--resume`` needs) and, in ``metrics.json``, a ``simulation``
+section (preset, ``num-hospitals``, mode; ``hospital`` in a local baseline's per-hospital directory). ``config``
+holds the resolved run config (with the data, state and run paths), as in every run directory.
 """
 
 from __future__ import annotations
@@ -29,17 +31,17 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from common.run_config import ConfigError, RunConfig
 from server.run_directory import BUNDLE_FILE, METRICS_FILE, RunDirectory, load_metrics
-from simulations.presets import NUM_HOSPITALS, SimulationConfig, parse_sets
+from simulations.presets import MODES, NUM_HOSPITALS, SimulationConfig, parse_sets
 
 log = logging.getLogger(__name__)
 
-MODES = ("federated", "centralised", "local")
 SIMULATION_FILE = "simulation.json"
 PARTITION_PLOT = "partitions.png"
 #: Resources of one virtual hospital in Flower's Ray backend: one CPU core, no GPU.
@@ -165,7 +167,7 @@ def run_federated(request: SimulationRequest) -> SimulationResult:
     overrides = run.to_flower()
     server_app = make_server_app(overrides=overrides, central_evaluator=held_out_evaluator)
     client_app = make_client_app(overrides=overrides)
-    backend_config = {"client_resources": dict(CLIENT_RESOURCES), "init_args": {"num_cpus": os.cpu_count() or 1}}
+    backend_config = {"client_resources": dict(CLIENT_RESOURCES), "init_args": {"num_cpus": _usable_cpus()}}
     started = time.monotonic()
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=request.config.num_hospitals,
@@ -173,6 +175,8 @@ def run_federated(request: SimulationRequest) -> SimulationResult:
     except (Exception, SystemExit) as error:  # flwr exits the process on some failures: keep control
         raise SimulationError(f"federated run failed: {_describe(error)} (see {request.run_dir / METRICS_FILE})"
                               ) from error
+    finally:
+        _annotate(request)
     document = check_run_directory(request.run_dir, rounds=run.num_server_rounds,
                                    hospitals=request.config.num_hospitals, dp=run.dp)
     return SimulationResult("federated", request.run_dir, document, (request.run_dir / BUNDLE_FILE,),
@@ -187,7 +191,7 @@ def run_centralised(request: SimulationRequest) -> SimulationResult:
     started = time.monotonic()
     hospitals = load_hospitals(run, request.config.num_hospitals)
     test = held_out_test(run)
-    run_dir = RunDirectory.create(request.run_dir, config=_config_document(request))
+    run_dir = _create(request.run_dir, request)
     train_baseline(run_dir, run, train=pooled([h.train for h in hospitals]), vals=[h.val for h in hospitals],
                    test=test, privacy_name="pooled", info={"mode": "centralised"})
     document = check_run_directory(request.run_dir, rounds=run.num_server_rounds, hospitals=None, dp=run.dp)
@@ -203,11 +207,11 @@ def run_local(request: SimulationRequest) -> SimulationResult:
     started = time.monotonic()
     hospitals = load_hospitals(run, request.config.num_hospitals)
     test = held_out_test(run)
-    top = RunDirectory.create(request.run_dir, config=_config_document(request))
+    top = _create(request.run_dir, request)
     sub_dirs = []
     for k, hospital in enumerate(hospitals):
         path = request.run_dir / f"hospital-{k}"
-        sub = RunDirectory.create(path, config={**_config_document(request), "local-hospital": k})
+        sub = _create(path, request, hospital=k)
         train_baseline(sub, run, train=hospital.train, vals=[hospital.val], test=test,
                        privacy_name=f"partition-{k}", info={"mode": "local", "hospital": k},
                        on_round=lambda _entry: summarise_local(top, [load_metrics(p) for p in sub_dirs + [path]],
@@ -242,13 +246,19 @@ def held_out_test(run: RunConfig):
 
 
 def held_out_evaluator(run: RunConfig) -> Callable[[Any], dict] | None:
-    """The coordinator's centralised evaluation: scores a model on the held-out test set (None: no test set)."""
+    """The coordinator's centralised evaluation: scores a model on the held-out test set (None: no test set).
+
+    The test set is prepared in a background thread, so its preprocessing and frozen features overlap with the
+    hospitals' first round instead of delaying it; the first evaluation waits for it (and raises its error).
+    """
     if run.sim_test_fraction <= 0:
         return None
     from simulations.baselines import test_entry
 
-    test = held_out_test(run)
-    return lambda model: test_entry(model, test)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="held-out-test")
+    test = pool.submit(held_out_test, run)
+    pool.shutdown(wait=False)
+    return lambda model: test_entry(model, test.result())
 
 
 # ---------------------------------------------------------------- checking what a run wrote
@@ -309,9 +319,31 @@ def _prepare(request: SimulationRequest) -> None:
     (request.run_dir / SIMULATION_FILE).write_text(json.dumps(side, indent=2) + "\n")
 
 
-def _config_document(request: SimulationRequest) -> dict[str, Any]:
-    return {**request.run.to_flower(), NUM_HOSPITALS: request.config.num_hospitals, "mode": request.mode,
-            "preset": request.config.preset}
+def simulation_section(request: SimulationRequest, *, hospital: int | None = None) -> dict[str, Any]:
+    """The ``simulation`` section of a run's ``metrics.json``: what the run config does not say."""
+    section = {"preset": request.config.preset, NUM_HOSPITALS: request.config.num_hospitals, "mode": request.mode}
+    if hospital is not None:
+        section["hospital"] = hospital
+    return section
+
+
+def _create(path: Path, request: SimulationRequest, *, hospital: int | None = None) -> RunDirectory:
+    run_dir = RunDirectory.create(path, config=request.run.to_flower())
+    run_dir.document["simulation"] = simulation_section(request, hospital=hospital)
+    run_dir.flush()
+    return run_dir
+
+
+def _annotate(request: SimulationRequest) -> None:
+    """Add the simulation section to a run directory the coordinator wrote (kept across resumes)."""
+    if not (request.run_dir / METRICS_FILE).is_file():
+        return
+    try:
+        run_dir = RunDirectory(request.run_dir, load_metrics(request.run_dir))
+        run_dir.document["simulation"] = simulation_section(request)
+        run_dir.flush()
+    except (OSError, ValueError) as error:  # never hide the run's own outcome behind this
+        log.warning("could not add the simulation section to %s: %s", request.run_dir / METRICS_FILE, error)
 
 
 @contextlib.contextmanager
@@ -324,6 +356,14 @@ def _live_display(request: SimulationRequest, total: int, *, enabled: bool):
     title = f"{request.mode}: {request.config.preset}, {request.config.num_hospitals} hospitals"
     with RoundTable(title=title, total_rounds=total) as table, RoundWatcher(request.run_dir, table):
         yield
+
+
+def _usable_cpus() -> int:
+    """CPU cores this process may run on (Ray would otherwise count the host's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _describe(error: BaseException) -> str:

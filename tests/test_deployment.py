@@ -1,19 +1,27 @@
 """The real deployment on loopback: SuperLink + SuperNodes as separate processes, TLS and node authentication on.
 
 Certificates and node keys come from `server.certs`; `flower-superlink` runs with TLS, `--enable-supernode-auth`,
-an SQLite `--database` and `--isolation subprocess`; two registered `flower-supernode` processes each serve one
+an SQLite `--database` and `--isolation subprocess`; three registered `flower-supernode` processes each serve one
 hospital folder (a few mini-MIAS images with a CSV manifest, as a hospital would provide); `flwr run --stream`
-runs one federated round of the real apps and the run directory the ServerApp wrote is checked. A third SuperNode
-whose key was never registered must be refused.
+runs one federated round of the real apps and the run directory the ServerApp wrote is checked. A SuperNode whose
+key was never registered must be refused.
+
+A killed node must not fail the federation: once the third hospital's `flwr-clientapp` has started on its training
+message, that SuperNode and its children are killed with SIGKILL (a hospital machine losing power). The SuperLink
+declares it offline when its heartbeats stop (at most 2 x 30 s after the last one, sent every ~24 s) and answers
+its message with a "node unavailable" error reply; the run config asks for 2 nodes and 2 replies per step and
+gives each step `ROUND_TIMEOUT`, more than that, so the round completes from the two survivors, the failure
+counted, and the run ends `finished:completed`.
 
 Every process gets its own FLWR_HOME and a marker variable in its environment; teardown stops the processes it
 started (SIGTERM to the process group, SIGKILL after a timeout) and then finds, by that marker, anything they left
 behind (Flower starts SuperExec and app processes detached) and stops it too, then checks that nothing is left.
 Waits poll for a condition and are all bounded.
 
-Cost: about 2 minutes on 2 shared cores, mostly Flower's: each message starts a fresh `flwr-clientapp` process
-that imports torch and Opacus, and SuperNodes and the ServerApp poll for messages every 3 s. The log line
-"deployment test timings" (INFO) gives the phases.
+Cost: about 3 minutes on 2 shared cores, mostly Flower's: each message starts a fresh `flwr-clientapp` process
+that imports torch and Opacus, SuperNodes and the ServerApp poll for messages every 3 s, and the training step
+lasts until the killed node's heartbeat expires (36 to 60 s after the kill). The log line "deployment test
+timings" (INFO) gives the phases.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -52,10 +61,17 @@ CONNECTION = "mammofl-test"
 REGISTER_SCRIPT = REPO / "deploy" / "register-nodes.sh"
 
 # The federation: the `smoke` preset's run config (one round, small CNN on 64-px images, DP on) without its
-# simulation-only keys; both hospitals must reply.
-NUM_HOSPITALS = 2
+# simulation-only keys; three hospitals, the last one killed during training; the two survivors must reply.
 PATIENTS_PER_CLASS = 2  # per hospital: 2 patients with a malignant image, 2 with benign, 2 normal-only
-MAX_EPSILON = {"hospital-a": 50.0, "hospital-b": 60.0}  # node config max-epsilon (budgets not reached)
+MAX_EPSILON = {"hospital-a": 50.0, "hospital-b": 60.0, "hospital-c": 70.0}  # node config (budgets not reached)
+NUM_HOSPITALS = len(MAX_EPSILON)
+KILLED = "hospital-c"
+SURVIVORS = NUM_HOSPITALS - 1
+# Per train/evaluate step. The killed node's error reply comes at most ~63 s after the kill (heartbeat patience
+# 2 x 30 s, plus the ServerApp's 3 s polling), the survivors' replies before it; the step ends when the last of
+# them is in, so the timeout costs nothing unless something hangs. Shorter than that detection, the killed node
+# would be counted "missing" at the timeout instead of "failed".
+ROUND_TIMEOUT = 240.0
 
 START_TIMEOUT = 60.0
 RUN_TIMEOUT = 600.0
@@ -63,10 +79,10 @@ STOP_TIMEOUT = 15.0
 
 
 def deployment_run_config(run_dir: Path) -> dict[str, Any]:
-    """The run config passed with `flwr run --run-config`."""
+    """The run config passed with `flwr run --run-config`: the survivors alone are enough for every step."""
     smoke = {k: v for k, v in PRESETS["smoke"].overrides.items() if not k.startswith("sim-")}
-    return {**smoke, "min-nodes": NUM_HOSPITALS, "min-train-replies": NUM_HOSPITALS,
-            "min-evaluate-replies": NUM_HOSPITALS, "run-dir": str(run_dir)}
+    return {**smoke, "min-nodes": SURVIVORS, "min-train-replies": SURVIVORS, "min-evaluate-replies": SURVIVORS,
+            "round-timeout": ROUND_TIMEOUT, "run-dir": str(run_dir)}
 
 
 # ---------------------------------------------------------------- processes
@@ -118,15 +134,17 @@ class Processes:
             pytest.fail(f"{name} did not finish within {timeout:.0f} s:\n{proc.tail()}")
         return rc, proc.output()
 
-    def marked(self) -> list[int]:
-        """PIDs of live processes whose environment carries this run's marker."""
-        needle = f"{MARKER_VAR}={self.marker}".encode()
+    def marked(self, home: Path | None = None) -> list[int]:
+        """PIDs of live processes whose environment carries this run's marker (and FLWR_HOME `home`, if given)."""
+        needles = {f"{MARKER_VAR}={self.marker}".encode()}
+        if home is not None:
+            needles.add(f"FLWR_HOME={home}".encode())
         found = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                if needles <= set((entry / "environ").read_bytes().split(b"\0")):
                     found.append(int(entry.name))
             except OSError:
                 continue
@@ -165,6 +183,15 @@ def _killpg(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _runs_command(pid: int, command: str) -> bool:
+    """Whether process `pid` runs the console script `command` (argv[0] or, for a Python script, argv[1])."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2]
+    except OSError:
+        return False
+    return any(Path(arg.decode(errors="replace")).name == command for arg in argv)
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
@@ -279,7 +306,29 @@ class Federation:
         ]
         if node_config is not None:
             args += ["--node-config", node_config]
-        return self.procs.start(name, args, home=self.root / "homes" / name, cwd=self.root)
+        return self.procs.start(name, args, home=self.home(name), cwd=self.root)
+
+    def home(self, name: str) -> Path:
+        """FLWR_HOME of a started process: what its children inherit, so it tells whose they are."""
+        return self.root / "homes" / name
+
+    def power_off(self, node: Started, *, during: Started, timeout: float) -> float:
+        """Wait (bounded, and only while `during` runs) for `node`'s first `flwr-clientapp` (a run's first message
+        to a node is a training message), then SIGKILL the SuperNode's process group: the SuperNode, its SuperExec
+        and that ClientApp. Returns the time of the kill (time.monotonic)."""
+        home = self.home(node.name)
+        app = _wait_until(lambda: during.popen.poll() is not None
+                          or [p for p in self.procs.marked(home) if _runs_command(p, "flwr-clientapp")],
+                          timeout, interval=0.2)
+        assert app and during.popen.poll() is None, (
+            f"{node.name} started no flwr-clientapp within {timeout:.0f} s while {during.name} ran:\n"
+            f"{node.tail()}\n--- {during.name}:\n{during.tail()}")
+        _killpg(node.popen.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert node.popen.wait(timeout=STOP_TIMEOUT) == -signal.SIGKILL
+        assert _wait_until(lambda: not self.procs.marked(home), STOP_TIMEOUT), (
+            f"{node.name} processes survived SIGKILL: {self.procs.marked(home)}")
+        return killed_at
 
 
 @pytest.fixture
@@ -346,7 +395,7 @@ def _run_config(values: dict[str, Any]) -> str:
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
 
 
-def test_federated_round_over_tls_with_node_auth(federation, mias_dir, tmp_path):
+def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federation, mias_dir, tmp_path):
     fed = federation
     timings: dict[str, float] = {}
     clock = time.monotonic()
@@ -362,15 +411,17 @@ def test_federated_round_over_tls_with_node_auth(federation, mias_dir, tmp_path)
     (rogue_key,) = certs.write_node_key_pairs(tmp_path / "unregistered-keys", ["unregistered"])
     rc, out = fed.register_all(tmp_path / "node-keys")
     assert rc == 0, out
-    assert out.splitlines() == ["registered: hospital-a.pub", "registered: hospital-b.pub"]
+    assert out.splitlines() == [f"registered: {name}.pub" for name in names]
     registered = fed.nodes()
     assert list(registered.values()) == ["registered"] * NUM_HOSPITALS
     node_ids = set(registered)
     lap("register")
 
-    for name, paths in zip(names, keys, strict=True):
-        fed.start_supernode(name, paths.private, _node_config(folders[name], tmp_path / "state" / name,
-                                                              MAX_EPSILON[name]))
+    supernodes = {
+        name: fed.start_supernode(name, paths.private, _node_config(folders[name], tmp_path / "state" / name,
+                                                                    MAX_EPSILON[name]))
+        for name, paths in zip(names, keys, strict=True)
+    }
     # A node whose key the SuperLink does not know is turned away at activation.
     rogue = fed.start_supernode("unregistered", rogue_key.private, None)
     try:
@@ -381,31 +432,52 @@ def test_federated_round_over_tls_with_node_auth(federation, mias_dir, tmp_path)
     assert rogue_rc == 1, rogue_log
     assert "Exit Code: 305" in rogue_log
     assert "[code: 2004] Failed to activate SuperNode" in rogue_log
-    online = _wait_until(lambda: set(fed.nodes().values()) == {"online"}, START_TIMEOUT, interval=1.0)
+    online = _wait_until(lambda: list(fed.nodes().values()) == ["online"] * NUM_HOSPITALS, START_TIMEOUT,
+                         interval=1.0)
     assert online, f"SuperNodes not online: {fed.nodes()}"
     assert set(fed.nodes()) == node_ids  # the refused node never joined
     lap("nodes online, unregistered node refused")
 
     run_dir = tmp_path / "run"
     config = deployment_run_config(run_dir)
-    rc, out = fed.flwr("flwr-run", "run", str(REPO), CONNECTION, "--stream", "--run-config", _run_config(config),
-                       timeout=RUN_TIMEOUT)
-    assert rc == 0, out[-6000:]
-    lap("flwr run")
+    flwr_run = fed.procs.start(
+        "flwr-run", [str(BIN / "flwr"), "run", str(REPO), CONNECTION, "--stream", "--run-config",
+                     _run_config(config)], home=fed.cli_home, cwd=tmp_path)
+    killed_at = fed.power_off(supernodes[KILLED], during=flwr_run, timeout=START_TIMEOUT * 2)
+    killed_log = supernodes[KILLED].output()  # it died holding its training message, before any reply
+    assert "Receiving: train message" in killed_log and "Sending:" not in killed_log, killed_log
+    killed_id = int(re.search(r"SuperNode ID: (\d+)", killed_log).group(1))
+    assert killed_id in node_ids
+    lap(f"{KILLED}'s flwr-clientapp started, node killed")
+    try:
+        rc = flwr_run.popen.wait(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"flwr run did not finish within {RUN_TIMEOUT:.0f} s:\n{flwr_run.tail()}")
+    assert rc == 0, flwr_run.output()[-6000:]
+    timings["kill to end of run"] = time.monotonic() - killed_at
+    lap("flwr run after the kill")
 
     rc, listing = fed.flwr("flwr-ls", "ls", CONNECTION, "--format", "json")
     assert rc == 0, listing
     runs = json.loads(listing)["runs"]
     assert [r["status"] for r in runs] == ["finished:completed"], runs
+    survivor_ids = node_ids - {killed_id}
+    assert fed.nodes() == {node_id: "offline" if node_id == killed_id else "online" for node_id in node_ids}
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed"
     assert [r["round"] for r in metrics["rounds"]] == [1]
     round_1 = metrics["rounds"][0]
-    assert round_1["replies"]["train"]["valid"] == NUM_HOSPITALS
+    train = round_1["replies"]["train"]
+    assert (train["sampled"], train["valid"], train["failed"], train["missing"]) == (NUM_HOSPITALS, SURVIVORS, 1, 0)
+    assert len(train["notes"]) == 1, train  # the failure is named after the killed node, not the SuperLink
+    assert train["notes"][0].startswith(f"node-{killed_id}: failed: Error: Node Unavailable"), train
+    evaluate = round_1["replies"]["evaluate"]  # the dead node is no longer sampled
+    assert (evaluate["sampled"], evaluate["valid"], evaluate["failed"]) == (SURVIVORS, SURVIVORS, 0), evaluate
+    assert round_1["federated_eval"]["num_examples"] > 0
     assert round_1["epsilon_max"] > 0
     privacy = metrics["privacy"]
-    assert sorted(privacy) == sorted(f"node-{node_id}" for node_id in node_ids)
+    assert sorted(privacy) == sorted(f"node-{node_id}" for node_id in survivor_ids)
     assert max(entry["epsilon"] for entry in privacy.values()) == pytest.approx(round_1["epsilon_max"])
     for entry in privacy.values():
         assert entry["noise_multiplier"] == config["noise-multiplier"]
@@ -416,8 +488,12 @@ def test_federated_round_over_tls_with_node_auth(federation, mias_dir, tmp_path)
     assert (run_dir / "model.mammofl").is_file()
     epsilons = sorted(entry["epsilon"] for entry in privacy.values())
     ledger_epsilons = []
-    for name in names:  # each hospital recorded the round in the ledger on its own disk (node config state-dir)
-        ledger = json.loads((tmp_path / "state" / name / "privacy-ledger.json").read_text())
+    for name in names:  # each survivor recorded the round in the ledger on its own disk (node config state-dir)
+        ledger_path = tmp_path / "state" / name / "privacy-ledger.json"
+        if name == KILLED:  # killed while its ClientApp was still starting: nothing trained, nothing recorded
+            assert not ledger_path.exists()
+            continue
+        ledger = json.loads(ledger_path.read_text())
         assert [(e["run_id"], e["server_round"]) for e in ledger["entries"]] == [(runs[0]["run-id"], 1)]
         ledger_epsilons.append(ledger["entries"][0]["epsilon"])
     assert sorted(ledger_epsilons) == pytest.approx(epsilons)
@@ -425,7 +501,7 @@ def test_federated_round_over_tls_with_node_auth(federation, mias_dir, tmp_path)
     # Registering again (e.g. `docker compose up` after a restart) is harmless.
     rc, out = fed.register_all(tmp_path / "node-keys")
     assert rc == 0, out
-    assert out.splitlines() == ["already registered: hospital-a.pub", "already registered: hospital-b.pub"]
+    assert out.splitlines() == [f"already registered: {name}.pub" for name in names]
     assert set(fed.nodes()) == node_ids
     lap("checks")
     log.info("deployment test timings (s): %s", {k: round(v, 1) for k, v in timings.items()})

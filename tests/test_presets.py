@@ -89,3 +89,26 @@ def test_parse_sets_accepts_typed_values_only_for_known_keys():
 def test_presets_are_read_only():
     with pytest.raises(TypeError):
         PRESETS["smoke"].overrides["lr"] = 1.0  # type: ignore[index]
+
+
+@pytest.mark.parametrize("name", ["demo", "full"])
+def test_a_full_run_stays_within_every_hospital_s_default_budget(mias_dir, name):
+    """Planned from the real split: every round of the preset fits under max-epsilon (no hospital refuses)."""
+    from client.hospital_data import simulation_partition, split_train_val
+    from client.node import local_train_config
+    from client.training import plan_dp_round
+    from common.privacy import PrivacyAccountant
+
+    sim = resolve(name)
+    run = sim.run.updated(sim_data_dir=str(mias_dir))
+    for k in range(sim.num_hospitals):
+        records = simulation_partition(mias_dir, run, partition_id=k, num_partitions=sim.num_hospitals)
+        train, _ = split_train_val(records, val_fraction=run.val_fraction, seed=run.seed)
+        accountant = PrivacyAccountant(run.accountant)
+        for rnd in range(1, run.num_server_rounds + 1):
+            plan = plan_dp_round(len(train), config=local_train_config(run, server_round=rnd))
+            accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps)
+        epsilon = accountant.epsilon(run.delta)
+        assert epsilon < 0.9 * run.max_epsilon, (k, epsilon)
+        if name == "demo":
+            assert epsilon == pytest.approx(5.5, abs=0.1)  # 68 training images, q = 1/5, 100 steps, sigma 2

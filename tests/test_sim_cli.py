@@ -150,8 +150,10 @@ def test_smoke_federation_writes_the_run_directory_contract(mias_dir, tmp_path):
     assert entry["replies"]["train"]["valid"] == 2
     assert entry["epsilon_max"] == max(p["epsilon"] for p in document["privacy"].values())
     assert (out / "checkpoints" / "round-0001.npz").is_file()
+    assert document["simulation"] == {"preset": "smoke", "num-hospitals": 2, "mode": "federated"}
     side = json.loads((out / "simulation.json").read_text())
     assert side["num-hospitals"] == 2 and side["mode"] == "federated" and side["preset"] == "smoke"
+    assert [h["n_images"] for h in side["partitions"]["hospitals"]] == [12, 12]
     assert f"model bundle:  {out / 'model.mammofl'}" in done.stdout
     loaded = load_bundle_without_flower(out / "model.mammofl")
     assert loaded == {"shape": [2, 3], "kind": "cnn", "classes": list(CLASS_NAMES), "flwr": False}
@@ -163,7 +165,7 @@ def test_smoke_centralised_baseline_writes_the_contract(mias_dir, tmp_path):
     run_smoke(mias_dir, out, "--mode", "centralised")
     document = check_contract(out, rounds=1, test_images=SMOKE_TEST_IMAGES)
     assert set(document["privacy"]) == {"pooled"}
-    assert document["config"]["mode"] == "centralised"
+    assert document["simulation"] == {"preset": "smoke", "num-hospitals": 2, "mode": "centralised"}
     assert (out / "checkpoints" / "round-0001.npz").is_file()
     assert load_bundle_without_flower(out / "model.mammofl")["shape"] == [2, 3]
 
@@ -174,11 +176,12 @@ def test_smoke_local_baseline_writes_the_contract_per_hospital_and_overall(mias_
     done = run_smoke(mias_dir, out, "--mode", "local", "--set", "dp=false")
     top = json.loads((out / "metrics.json").read_text())
     assert top["status"] == "completed" and [r["round"] for r in top["rounds"]] == [1]
+    assert top["simulation"] == {"preset": "smoke", "num-hospitals": 2, "mode": "local"}
     assert set(FINAL_KEYS) <= set(top["final"]) and set(top["final"]["per_hospital"]) == {"partition-0",
                                                                                            "partition-1"}
     for k in (0, 1):
         sub = json.loads((out / f"hospital-{k}" / "metrics.json").read_text())
-        assert sub["status"] == "completed"
+        assert sub["status"] == "completed" and sub["simulation"]["hospital"] == k
         assert sum(sum(row) for row in sub["final"]["confusion_matrix"]) == SMOKE_TEST_IMAGES
         assert sub["privacy"][f"partition-{k}"]["epsilon"] is None  # DP off: no guarantee, no epsilon
         assert top["final"]["per_hospital"][f"partition-{k}"]["accuracy"] == sub["final"]["accuracy"]
@@ -186,3 +189,31 @@ def test_smoke_local_baseline_writes_the_contract_per_hospital_and_overall(mias_
         assert f"model bundle:  {out / f'hospital-{k}' / 'model.mammofl'}" in done.stdout
     mean = sum(top["final"]["per_hospital"][f"partition-{k}"]["accuracy"] for k in (0, 1)) / 2
     assert top["final"]["accuracy"] == pytest.approx(mean)
+
+
+@pytest.mark.slow
+def test_a_federation_that_loses_its_hospitals_fails_loudly_and_resumes(mias_dir, tmp_path):
+    """Round 2 would take every hospital past its budget: they refuse, the run exits 1 saying why (Flower alone
+    would return normally); resumed with a larger budget, it continues from round 1's checkpoint and epsilon keeps
+    growing (the hospitals' ledgers live on their own disks)."""
+    out = tmp_path / "interrupted"
+    done = sim("run", "--preset", "smoke", "--data-dir", str(mias_dir), "--out", str(out), "--no-live",
+               "--set", "num-server-rounds=2", "--set", "max-epsilon=6")
+    assert done.returncode == 1, done.stderr[-4000:]
+    assert "federated run failed" in done.stderr
+    assert "privacy budget would exceed max-epsilon 6" in done.stderr
+    failed = json.loads((out / "metrics.json").read_text())
+    assert failed["status"] == "failed" and "TooFewReplies" in failed["error"]
+    assert [r["round"] for r in failed["rounds"]] == [1]
+    first_epsilon = failed["rounds"][0]["epsilon_max"]
+    assert 0 < first_epsilon < 6
+
+    resumed = sim("run", "--resume", str(out), "--no-live", "--set", "max-epsilon=10")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    document = json.loads((out / "metrics.json").read_text())
+    assert document["status"] == "completed" and [r["round"] for r in document["rounds"]] == [1, 2]
+    assert document["resumed"][0]["from_round"] == 1
+    assert document["simulation"]["mode"] == "federated"
+    assert document["rounds"][1]["epsilon_max"] > first_epsilon
+    assert document["config"]["max-epsilon"] == 10.0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0001.npz", "round-0002.npz"]
