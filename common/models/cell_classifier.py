@@ -31,6 +31,20 @@ def topk_abnormal_pool(cell_logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return chosen.mean(dim=2)
 
 
+def classwise_topk_pool(cell_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(B, K, H, W) -> (B, K) image log-scores from cell log-probabilities: for each abnormal class the
+    mean of its top_k cell log-probabilities, for "normal" the mean of its bottom_k (an image is as normal
+    as its least normal cells)."""
+    logp = torch.log_softmax(cell_logits, dim=1).flatten(2)
+    k = min(top_k, logp.shape[-1])
+    abnormal = logp[:, 1:].topk(k, dim=2).values.mean(dim=2)
+    normal = -(-logp[:, :1]).topk(k, dim=2).values.mean(dim=2)
+    return torch.cat([normal, abnormal], dim=1)
+
+
+POOLINGS = {"abnormal": topk_abnormal_pool, "classwise": classwise_topk_pool}
+
+
 class CellHead(nn.Module):
     """1x1 convolutions: (B, C, H, W) features -> (B, K, H, W) cell logits."""
 
@@ -54,13 +68,14 @@ class CellClassifier(nn.Module):
     """body -> cell head -> top-k pooling. `forward(x)` returns image logits (B, K);
     `forward(x, return_cells=True)` returns (image logits, cell logits)."""
 
-    def __init__(self, body: nn.Module, head: CellHead, *, top_k: int):
+    def __init__(self, body: nn.Module, head: CellHead, *, top_k: int, pooling: str = "abnormal"):
         super().__init__()
         self.body = body
         self.head = head
         self.top_k = top_k
+        self.pool = POOLINGS[pooling]
 
     def forward(self, x: torch.Tensor, return_cells: bool = False):
         cells = self.head(self.body(x.float()))
-        image = topk_abnormal_pool(cells, self.top_k)
+        image = self.pool(cells, self.top_k)
         return (image, cells) if return_cells else image

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from common.models.cell_classifier import POOLINGS
 from common.models.efficientnet_lite import NUM_BLOCKS
 
 MODEL_KINDS: tuple[str, ...] = ("cnn", "effnet_head", "effnet_finetune")
@@ -38,6 +39,7 @@ class ModelConfig:
     image_size: int = 512
     num_classes: int = 3
     top_k: int = 2
+    pooling: str = "abnormal"
     feature_layer: str = "head"
     finetune_from: int = 15
     head_hidden: int = 0
@@ -51,6 +53,8 @@ class ModelConfig:
             raise ValueError(f"unknown model kind {self.kind!r}; choose one of {MODEL_KINDS}")
         if self.image_size < 32 or self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {tuple(POOLINGS)}")
         if self.top_k < 1:
             raise ValueError("top_k must be >= 1")
         if self.feature_layer != "head":

@@ -52,7 +52,7 @@ def build_model(config: ModelConfig) -> nn.Module:
         body = EfficientNetTail(config.finetune_from, groups=config.groupnorm_groups)
         channels = body.out_channels
     head = CellHead(channels, config.num_classes, hidden=config.head_hidden, groups=config.groupnorm_groups)
-    return CellClassifier(body, head, top_k=config.top_k)
+    return CellClassifier(body, head, top_k=config.top_k, pooling=config.pooling)
 
 
 def build_feature_extractor(config: ModelConfig) -> FrozenFeatureExtractor | None:
