@@ -68,6 +68,24 @@ class SimulationConfig:
         return {"preset": self.preset, NUM_HOSPITALS: self.num_hospitals, **self.run.to_flower()}
 
 
+#: The demo's model, privacy and data settings; `full` runs them for longer.
+_DEMO_OVERRIDES: Mapping[str, Any] = MappingProxyType({
+    "num-server-rounds": 20,
+    "model": "effnet_head",
+    "image-size": 512,
+    "feature-layer": "block15",
+    "local-epochs": 1,
+    "lr": 0.05,
+    "batch-size": 16,
+    "dp": True,
+    "noise-multiplier": 2.0,
+    "max-grad-norm": 1.0,
+    "sim-partition": "iid",
+    "sim-test-fraction": 0.2,
+    "val-fraction": 0.2,
+    "round-timeout": 600.0,
+})
+
 PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (
     Preset(
         name="smoke",
@@ -92,43 +110,13 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (
         description="make demo: 3 hospitals, DP on, lesion-aware frozen EfficientNet-Lite0 features + DP head, "
                     "all of mini-MIAS, under 10 minutes on 2 CPU cores",
         num_hospitals=3,
-        overrides={
-            "num-server-rounds": 20,
-            "model": "effnet_head",
-            "image-size": 512,
-            "feature-layer": "block15",
-            "local-epochs": 1,
-            "lr": 0.05,
-            "batch-size": 16,
-            "dp": True,
-            "noise-multiplier": 2.0,
-            "max-grad-norm": 1.0,
-            "sim-partition": "iid",
-            "sim-test-fraction": 0.2,
-            "val-fraction": 0.2,
-            "round-timeout": 600.0,
-        },
+        overrides=_DEMO_OVERRIDES,
     ),
     Preset(
         name="full",
         description="the demo's model and privacy settings for twice as long: 40 rounds (epsilon about 8)",
         num_hospitals=3,
-        overrides={
-            "num-server-rounds": 40,
-            "model": "effnet_head",
-            "image-size": 512,
-            "feature-layer": "block15",
-            "local-epochs": 1,
-            "lr": 0.05,
-            "batch-size": 16,
-            "dp": True,
-            "noise-multiplier": 2.0,
-            "max-grad-norm": 1.0,
-            "sim-partition": "iid",
-            "sim-test-fraction": 0.2,
-            "val-fraction": 0.2,
-            "round-timeout": 1800.0,
-        },
+        overrides={**_DEMO_OVERRIDES, "num-server-rounds": 40, "round-timeout": 1800.0},
     ),
 )})
 
