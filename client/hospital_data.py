@@ -26,6 +26,7 @@ from client.readers.base import UnreadableImage
 from client.readers.images import read_image
 from client.readers.manifest import read_manifest
 from client.readers.mias import is_mias_folder, read_mias_records
+from common.device import default_device
 from common.models import CellDataset, LabelledImage, build_dataset, mapped_lesion_mask
 from common.partitioning import holdout_patients, partition_patients, select_patients
 from common.preprocessing import PreprocessConfig, Preprocessed
@@ -163,7 +164,7 @@ def build_datasets(run: RunConfig, train: list[PreparedImage], val: list[Prepare
     out = []
     for prepared in (train, val):
         items = [labelled_image(p) for p in prepared]
-        inputs = cache.inputs([item.image for item in items], config)
+        inputs = cache.inputs([item.image for item in items], config, device=default_device())
         out.append(build_dataset(items, config, inputs=inputs))
     return out[0], out[1]
 

@@ -24,6 +24,7 @@ import numpy as np
 from client.hospital_data import HospitalData, load_hospital
 from client.privacy_ledger import PrivacyLedger
 from client.training import DPConfig, EvalOutcome, LocalTrainConfig, evaluate_local, plan_dp_round, train_local
+from common.device import default_device
 from common.models import build_model
 from common.run_config import NodeConfig, RunConfig
 from common.weights import exchanged_weights, load_weights
@@ -113,7 +114,7 @@ def train_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str, n
     model = build_model(run.model_config())
     load_weights(model, global_weights, source=f"round {server_round} global model")
     outcome = train_local(model, data.train, config=config, accountant_state=ledger.accountant_state(),
-                          device="cpu")
+                          device=default_device())
     if run.dp:
         epsilon = ledger.record(noise_multiplier=outcome.noise_multiplier, sample_rate=outcome.sample_rate,
                                 steps=outcome.steps, delta=run.delta, run_id=run_id, server_round=server_round)
@@ -129,4 +130,4 @@ def evaluate_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str
     data = hospital_data(node, run)
     model = build_model(run.model_config())
     load_weights(model, global_weights, source=f"round {server_round} global model")
-    return evaluate_local(model, data.val, device="cpu")
+    return evaluate_local(model, data.val, device=default_device())

@@ -23,6 +23,7 @@ MODEL_KINDS = ("cnn", "effnet_head", "effnet_finetune")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 ACCOUNTANTS = ("rdp", "prv")
 PARTITION_SCHEMES = ("iid", "dirichlet", "tissue")
+POOLINGS = ("classwise", "abnormal")
 
 
 class ConfigError(ValueError):
@@ -64,8 +65,12 @@ class RunConfig:
     model: str = _opt("effnet_head", "model kind: cnn (trained end to end), effnet_head (frozen pretrained "
                       "features per cell + DP head), effnet_finetune (last blocks trainable)", choices=MODEL_KINDS)
     image_size: int = _opt(512, "preprocessed image side in pixels (a multiple of 32)", low=32, high=2048)
-    top_k: int = _opt(2, "image score = mean of the top-k most abnormal cells", low=1)
-    feature_layer: str = _opt("head", "effnet_head: frozen layer used as cell features (head or block0..block15)")
+    top_k: int = _opt(2, "cells pooled into the image score (see pooling)", low=1)
+    pooling: str = _opt("classwise", "cell scores -> image score: classwise (each class by its own top-k cells) "
+                        "or abnormal (the top-k most abnormal cells)", choices=POOLINGS)
+    feature_layer: str = _opt("block14", "effnet_head: frozen layer used as cell features (head or "
+                              "block0..block15)")
+    input_norm: bool = _opt(True, "effnet_head: standardise each image's feature map (per image, DP-safe)")
     finetune_from: int = _opt(15, "effnet_finetune: first trainable block", low=1, high=15)
     head_hidden: int = _opt(0, "cell head hidden channels (0 = linear head)", low=0)
     local_epochs: int = _opt(1, "local epochs per round", low=1)
@@ -174,9 +179,9 @@ class RunConfig:
         """The global model's configuration (common.models.ModelConfig)."""
         from common.models import ModelConfig
 
-        return ModelConfig(kind=self.model, image_size=self.image_size, top_k=self.top_k,
-                           feature_layer=self.feature_layer, finetune_from=self.finetune_from,
-                           head_hidden=self.head_hidden)
+        return ModelConfig(kind=self.model, image_size=self.image_size, top_k=self.top_k, pooling=self.pooling,
+                           feature_layer=self.feature_layer, input_norm=self.input_norm,
+                           finetune_from=self.finetune_from, head_hidden=self.head_hidden)
 
     def updated(self, **changes: Any) -> RunConfig:
         """A copy with some fields (python names) changed, validated again."""

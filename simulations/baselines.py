@@ -23,6 +23,7 @@ from client.hospital_data import HospitalData, load_hospital
 from client.node import local_train_config
 from client.training import evaluate_local, train_local
 from common.bundle import BundleMeta, save_bundle
+from common.device import default_device
 from common.models import build_model
 from common.records import CLASS_NAMES
 from common.run_config import NodeConfig, RunConfig
@@ -57,7 +58,7 @@ def pooled(datasets: Sequence[Dataset]) -> Dataset:
 
 def test_entry(model: torch.nn.Module, test: Dataset) -> dict:
     """A run-directory eval entry of `model` on the held-out test set."""
-    return outcome_entry(evaluate_local(model, test, device="cpu"))
+    return outcome_entry(evaluate_local(model, test, device=default_device()))
 
 
 def validation_entry(model: torch.nn.Module, vals: Sequence[Dataset]) -> dict | None:
@@ -68,7 +69,7 @@ def validation_entry(model: torch.nn.Module, vals: Sequence[Dataset]) -> dict | 
     records = []
     for val in vals:
         if len(val):
-            records.append(evaluation_reply_metrics(evaluate_local(model, val, device="cpu")))
+            records.append(evaluation_reply_metrics(evaluate_local(model, val, device=default_device())))
     if not records:
         return None
     return eval_entry(aggregate_evaluation(records))
@@ -86,7 +87,7 @@ def train_baseline(run_dir: RunDirectory, run: RunConfig, *, train: Dataset, val
     final: dict = {}
     for rnd in range(1, run.num_server_rounds + 1):
         outcome = train_local(model, train, config=local_train_config(run, server_round=rnd),
-                              accountant_state=accountant_state, device="cpu")
+                              accountant_state=accountant_state, device=default_device())
         accountant_state = outcome.accountant_state
         steps += outcome.steps
         entry: dict[str, Any] = {"round": rnd, "train_loss": _number(outcome.train_loss),

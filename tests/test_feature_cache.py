@@ -8,7 +8,7 @@ import torch
 from client.feature_cache import FeatureCache
 from common.models import ModelConfig, build_feature_extractor
 
-CONFIG = ModelConfig(kind="effnet_head", image_size=64)
+CONFIG = ModelConfig(kind="effnet_head", image_size=64, feature_layer="head")
 
 
 def _images(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -41,5 +41,8 @@ def test_other_stage_other_folder_and_cnn_not_cached(tmp_path):
     assert cache.inputs(images, tail).shape == (1, 192, 2, 2)
     assert cache.stage_dir(CONFIG) != cache.stage_dir(tail)
     assert len(list(tmp_path.rglob("*.npy"))) == 2
+    same_layer = ModelConfig(kind="effnet_head", image_size=64, feature_layer="block14")
+    assert cache.stage_dir(same_layer) == cache.stage_dir(tail)  # one frozen stage, one cache
+    assert torch.equal(cache.inputs(images, same_layer), cache.inputs(images, tail))
     cnn = cache.inputs(images, ModelConfig(kind="cnn", image_size=32))
     assert cnn.shape == (1, 1, 32, 32) and len(list(tmp_path.rglob("*.npy"))) == 2

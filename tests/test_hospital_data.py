@@ -10,6 +10,7 @@ import torch
 
 from client.hospital_data import (
     HospitalDataError,
+    build_datasets,
     hospital_records,
     labelled_image,
     load_hospital,
@@ -19,6 +20,7 @@ from client.hospital_data import (
 )
 from client.preprocess_cache import PreprocessCache
 from client.readers.mias import read_mias_records
+from common.models.cell_targets import cell_coverage
 from common.partitioning import (
     partition_patients,
     partition_summary,
@@ -26,6 +28,7 @@ from common.partitioning import (
     patients_of,
     select_patients,
 )
+from common.preprocessing import PreprocessConfig
 from common.records import ImageRecord
 from common.run_config import NodeConfig, RunConfig
 
@@ -131,3 +134,29 @@ def test_load_hospital_builds_the_model_kinds_dataset_with_lesion_cells(mias_dir
     item = labelled_image(prepared[0])
     assert item.label == lesioned.label_index > 0
     assert item.lesion_mask is not None and item.lesion_mask.any() and item.lesion_mask.shape == (64, 64)
+
+
+def test_mias_lesion_circles_become_lesion_cells(mias_records, tmp_path):
+    """mdb003 (normal) and mdb005 (benign, two circles) at 128 px: the cell holding each mapped lesion centre
+    is a lesion cell inside the breast, the normal image's cells are all normal."""
+    records = {r.path.stem: r for r in mias_records}
+    prepared, _ = preprocess_records([records["mdb003"], records["mdb005"]],
+                                     cache=PreprocessCache(tmp_path / "preprocessed"),
+                                     config=PreprocessConfig(size=128))
+    run = RunConfig(model="cnn", image_size=128)  # 4 x 4 cells of 32 px
+    train, val = build_datasets(run, prepared, [], feature_cache=tmp_path / "features")
+    assert (len(train), len(val)) == (2, 0) and not (tmp_path / "features").exists()  # cnn: nothing cached
+
+    inputs, label, target = train[0]
+    assert label == 0 and (target == 0).all() and inputs.shape == (1, 128, 128)
+
+    inputs, label, target = train[1]
+    record, pre = prepared[1].record, prepared[1].preprocessed
+    assert label == 1 and len(record.lesions) == 2
+    breast = cell_coverage(pre.breast_mask, 4)
+    for circle in record.lesions:
+        mapped = pre.geometry.map_circle(circle)
+        row, col = int(mapped.y // 32), int(mapped.x // 32)
+        assert target[row, col] == 1 and breast[row, col] > 0.5
+    assert set(np.unique(target.numpy())) <= {-1, 0, 1}
+    assert (target == 1).sum() <= 4

@@ -29,6 +29,7 @@ from common.models import (
     load_pretrained,
     topk_abnormal_pool,
 )
+from common.models.cell_classifier import classwise_topk_pool
 from common.models.efficientnet_lite import IMAGENET_MEAN, IMAGENET_STD
 from common.records import LesionCircle
 
@@ -142,6 +143,33 @@ def test_topk_pool_takes_the_most_abnormal_cells():
     assert torch.equal(topk_abnormal_pool(cells, 10), cells.mean(dim=(2, 3)))
 
 
+def test_classwise_pool_scores_each_class_by_its_own_cells():
+    cells = torch.zeros(1, 3, 1, 3)
+    cells[0, :, 0, 0] = torch.tensor([0.0, 0.0, 9.0])  # malignant-looking
+    cells[0, :, 0, 1] = torch.tensor([0.0, 9.0, 0.0])  # benign-looking
+    logp = torch.log_softmax(cells, dim=1)[0, :, 0]  # (3 classes, 3 cells)
+    got = classwise_topk_pool(cells, 1)[0]
+    torch.testing.assert_close(got, torch.stack([logp[0].min(), logp[1].max(), logp[2].max()]))
+    got2 = classwise_topk_pool(cells, 2)[0]
+    torch.testing.assert_close(got2, torch.stack([logp[0].sort().values[:2].mean(),
+                                                  logp[1].sort().values[1:].mean(),
+                                                  logp[2].sort().values[1:].mean()]))
+
+
+def test_input_norm_makes_the_head_blind_to_each_images_feature_scale():
+    torch.manual_seed(0)
+    config = ModelConfig(kind="effnet_head", image_size=64)
+    assert config.input_norm and config.feature_layer == "block14"
+    model = build_model(config).eval()
+    features = torch.rand(2, 192, 2, 2) * 6
+    rescaled = features * torch.tensor([3.0, 0.5]).view(2, 1, 1, 1) + torch.tensor([1.0, -2.0]).view(2, 1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(rescaled), model(features), rtol=1e-4, atol=1e-4)
+        plain = build_model(ModelConfig(kind="effnet_head", image_size=64, input_norm=False)).eval()
+        assert not torch.allclose(plain(rescaled), plain(features), atol=1e-2)
+    assert not [p for p in model.body.parameters()]  # no weights to train, nothing learnt across images
+
+
 def test_cell_targets_from_a_lesion_circle():
     lesion = circle_mask([LesionCircle(x=19.5, y=7.5, r=3.5)], (32, 32))  # 0.3 of two cells each
     breast = np.zeros((32, 32), dtype=bool)
@@ -192,6 +220,6 @@ def test_build_dataset_items_for_cnn():
 def test_config_rejects_unknown_kind_and_round_trips():
     with pytest.raises(ValueError, match="unknown model kind"):
         ModelConfig(kind="resnet")
-    config = ModelConfig(kind="effnet_finetune", finetune_from=14, top_k=3)
+    config = ModelConfig(kind="effnet_finetune", finetune_from=14, top_k=3, pooling="abnormal")
     assert ModelConfig.from_dict(config.to_dict()) == config
     assert config.extractor_layer == "block13"

@@ -86,3 +86,13 @@ def test_run_config_is_frozen():
         RunConfig().lr = 1.0  # type: ignore[misc]
     assert isinstance(RunConfig().updated(lr=0.3), RunConfig)
     assert RunConfig(image_size=64).preprocess_config().size == 64
+
+
+def test_model_config_carries_every_model_key():
+    run = RunConfig.from_flower({}, {"model": "effnet_head", "image-size": 256, "top-k": 3, "pooling": "abnormal",
+                                     "feature-layer": "block15", "input-norm": False, "head-hidden": 8})
+    model = run.model_config()
+    assert (model.kind, model.image_size, model.top_k, model.pooling, model.feature_layer, model.input_norm,
+            model.head_hidden) == ("effnet_head", 256, 3, "abnormal", "block15", False, 8)
+    with pytest.raises(ConfigError, match="run config 'pooling': must be one of classwise, abnormal"):
+        RunConfig.from_flower({"pooling": "max"})

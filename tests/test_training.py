@@ -16,7 +16,7 @@ from client.training import DPConfig, LocalTrainConfig, evaluate_local, plan_dp_
 from common.models import CellDataset, ModelConfig, build_model
 from common.training_config import GRAD_SAMPLE_MODES
 
-HEAD = ModelConfig(kind="effnet_head", image_size=64)  # 2 x 2 cells of 1280 features
+HEAD = ModelConfig(kind="effnet_head", image_size=64)  # 2 x 2 cells of 192 block-14 features
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +30,7 @@ def _dataset(n: int = 8, seed: int = 0) -> CellDataset:
     targets = torch.full((n, 2, 2), -1)
     targets[labels == 0] = 0
     targets[labels > 0, 0, 0] = labels[labels > 0]
-    return CellDataset(torch.rand(n, 1280, 2, 2, generator=g) * 6, labels, targets)
+    return CellDataset(torch.rand(n, 192, 2, 2, generator=g) * 6, labels, targets)
 
 
 def _config(**dp) -> LocalTrainConfig:
@@ -92,7 +92,7 @@ def test_grad_sample_modes_give_the_same_update(kind):
     """Same seed = same Poisson batches and the same noise: the modes must agree on the clipped sums."""
     config = ModelConfig(kind=kind, image_size=64)
     g = torch.Generator().manual_seed(5)
-    shape = (1, 64, 64) if kind == "cnn" else (1280, 2, 2)
+    shape = (1, 64, 64) if kind == "cnn" else (192, 2, 2)
     data = CellDataset(torch.rand(6, *shape, generator=g), torch.arange(6) % 3, torch.randint(-1, 3, (6, 2, 2), generator=g))
     torch.manual_seed(0)
     start = build_model(config).state_dict()
@@ -153,7 +153,7 @@ def test_evaluate_local_loss_and_metrics():
     assert outcome.loss == pytest.approx(float(F.cross_entropy(logits, data.labels)), rel=1e-6)
     assert sum(map(sum, outcome.metrics["confusion_matrix"])) == 9
     assert outcome.metrics["auc_malignant"] is not None
-    empty = evaluate_local(model, CellDataset(torch.zeros(0, 1280, 2, 2), torch.zeros(0), torch.zeros(0, 2, 2)),
+    empty = evaluate_local(model, CellDataset(torch.zeros(0, 192, 2, 2), torch.zeros(0), torch.zeros(0, 2, 2)),
                            device="cpu")
     assert empty.num_examples == 0 and math.isnan(empty.loss) and empty.metrics == {}
 

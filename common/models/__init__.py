@@ -4,7 +4,7 @@ Every trainable model maps its inputs to image logits (B, 3) in `CLASS_NAMES` or
 `return_cells=True`, also to cell logits (B, 3, G, G). See `factory` for each kind's inputs.
 """
 
-from common.models.cell_classifier import CellClassifier, topk_abnormal_pool
+from common.models.cell_classifier import CellClassifier, classwise_topk_pool, topk_abnormal_pool
 from common.models.cell_targets import UNKNOWN, cell_targets, circle_mask
 from common.models.config import MODEL_KINDS, ModelConfig
 from common.models.datasets import (
@@ -41,6 +41,7 @@ __all__ = [
     "cell_grid",
     "cell_targets",
     "circle_mask",
+    "classwise_topk_pool",
     "compute_inputs",
     "lesion_aware_loss",
     "load_pretrained",

@@ -5,11 +5,13 @@ turns cell scores into image logits (a fully convolutional patch classifier in t
 Shapes: body output (B, C, H, W) -> cell logits (B, K, H, W) -> image logits (B, K), K classes in
 `CLASS_NAMES` order (normal first).
 
-Pooling: each cell gets an abnormality score, logsumexp(abnormal logits) - normal logit (the log-odds of
-"not normal"); the image logits are the mean of the full logit vectors of the `top_k` highest-scoring
-cells. An image is therefore normal when even its most suspicious cells look normal, and takes the class
-of its most suspicious cells otherwise. Selection is per image, so the loss stays a sum of per-example
-terms (needed for DP-SGD and for FedAvg's equivalence with pooled training).
+Pooling (per image, so the loss stays a sum of per-example terms, as DP-SGD and the FedAvg check need):
+- "classwise" (default): from cell log-probabilities, each abnormal class scores the mean of its top_k
+  cells, "normal" the mean of its bottom_k cells (an image is as normal as its least normal cells). The
+  image's malignancy then follows its most malignant-looking cells.
+- "abnormal": each cell gets an abnormality score, logsumexp(abnormal logits) - normal logit; the image
+  logits are the mean logit vectors of the top_k most abnormal cells.
+README ("Model quality") compares the two on mini-MIAS.
 """
 
 from __future__ import annotations

@@ -23,10 +23,17 @@ class ModelConfig:
         GroupNorm blocks `finetune_from..15` + 1x1 head conv, then the same cell head.
     image_size: side of the square preprocessed image the model (or its frozen extractor) sees; inputs of
         another size are resized to it.
-    top_k: image logits are the mean cell logits of the `top_k` most abnormal cells.
-    feature_layer: "effnet_head" only: "head" (1280 channels, stride 32) or "block<i>" (output of block i).
+    top_k, pooling: how cell scores become image logits (see `cell_classifier`): "classwise" = each class
+        scored by its own top_k cell log-probabilities (default), "abnormal" = the logits of the top_k most
+        abnormal cells.
+    feature_layer: "effnet_head" only: "head" (1280 channels, stride 32) or "block<i>" (output of block i);
+        default "block14" (192 channels, stride 32), the best of head / block15 / block14 on mini-MIAS
+        (README, "Model quality").
     finetune_from: "effnet_finetune" only: first trainable block (1..15).
     head_hidden: 0 = linear cell head; > 0 = 1x1 conv, GroupNorm, ReLU, 1x1 conv.
+    input_norm: "effnet_head" only: standardise each image's feature map over all its cells and channels
+        (GroupNorm with one group and no parameters). Per image, so DP-safe; keeps the contrast between an
+        image's cells and removes its overall scale.
     cnn_width: channels of the CNN's first stage (doubled per stage, capped at 8x).
     groupnorm_groups: preferred GroupNorm group count (the largest divisor of the channels <= it is used).
     outside_lesion: cells of an abnormal image outside its annotated lesions are "ignore"d (label -1) or
@@ -39,10 +46,11 @@ class ModelConfig:
     image_size: int = 512
     num_classes: int = 3
     top_k: int = 2
-    pooling: str = "abnormal"
-    feature_layer: str = "head"
+    pooling: str = "classwise"
+    feature_layer: str = "block14"
     finetune_from: int = 15
     head_hidden: int = 0
+    input_norm: bool = True
     cnn_width: int = 16
     groupnorm_groups: int = 8
     outside_lesion: str = "ignore"

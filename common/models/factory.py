@@ -2,11 +2,11 @@
 
 Per kind, what a training example's `inputs` is and what the trainable model (`build_model`) eats:
 
-| kind            | frozen input stage (`build_feature_extractor`)  | inputs per image         |
-|-----------------|--------------------------------------------------|--------------------------|
-| cnn             | none                                             | (1, S, S) image in [0,1] |
-| effnet_head     | EfficientNet-Lite0 up to `feature_layer`          | (1280, S/32, S/32)       |
-| effnet_finetune | EfficientNet-Lite0 blocks 0..finetune_from-1      | (C, S/32, S/32) or S/16  |
+| kind            | frozen input stage (`build_feature_extractor`) | inputs per image (S = 512)  |
+|-----------------|-------------------------------------------------|-----------------------------|
+| cnn             | none                                            | (1, S, S) image in [0, 1]   |
+| effnet_head     | EfficientNet-Lite0 up to `feature_layer`        | (192, S/32, S/32), block14  |
+| effnet_finetune | EfficientNet-Lite0 blocks 0..finetune_from-1    | (192, S/32, S/32), from 15  |
 
 `prepare_inputs` applies the frozen stage to images (hospitals cache its output); `InferenceModel`
 chains both for screening and explanations: (B, 1, S, S) preprocessed image -> (B, 3) logits.
@@ -47,7 +47,8 @@ def build_model(config: ModelConfig) -> nn.Module:
         body: nn.Module = cnn.SmallCNN(config.cnn_width, config.groupnorm_groups)
         channels = body.out_channels
     elif config.kind == "effnet_head":
-        body, channels = nn.Identity(), layer_channels(config.feature_layer)
+        channels = layer_channels(config.feature_layer)
+        body = nn.GroupNorm(1, channels, affine=False) if config.input_norm else nn.Identity()
     else:
         body = EfficientNetTail(config.finetune_from, groups=config.groupnorm_groups)
         channels = body.out_channels

@@ -1,0 +1,222 @@
+"""How well does each model learn malignancy on mini-MIAS? Patient-level k-fold CV x seeds, centralised.
+
+The protocol of the independent reference in the federated-training issue (DESIGN §9 numbers): every patient is
+tested exactly once per seed (`common.splits.kfold_patients`, stratified by worst label), the test predictions
+of all folds are pooled and one malignancy AUC is computed per seed; the table gives mean ± standard deviation
+over seeds. Variants, all on the same folds, in one run:
+
+- ``pooled+logreg``: global-average-pooled frozen EfficientNet-Lite0 head features + logistic regression (the
+  reference's "pooled features do not see lesions" baseline);
+- the project's lesion-aware cell model (`common.models`), trained with the project's `train_local`, once
+  without DP and once with DP-SGD at the given noise multiplier (epsilon of one training run reported).
+
+This is centralised training (one site holding all training folds): an upper bound for what a federation of
+the same data with the same privacy can reach. Frozen features are cached under ``--cache-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch.utils.data import Subset
+
+from client.feature_cache import FeatureCache
+from client.hospital_data import PreparedImage, labelled_image, preprocess_records
+from client.preprocess_cache import PreprocessCache
+from client.readers.mias import read_mias_records
+from client.training import DPConfig, LocalTrainConfig, train_local
+from common.aggregation import weighted_average
+from common.evaluation import predict_proba
+from common.models import CellDataset, ModelConfig, build_dataset, build_model
+from common.partitioning import partition_patients
+from common.preprocessing import PreprocessConfig
+from common.records import CLASS_NAMES
+from common.splits import kfold_patients
+
+MALIGNANT = CLASS_NAMES.index("malignant")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a model and how it is trained (train None = logistic-regression reference).
+
+    hospitals > 0: federated instead of centralised: the training folds are cut into that many hospitals by
+    patient (IID), and every round each hospital runs `train` (one local round) from the global weights,
+    its accountant carried over, and the global weights become their example-weighted average (FedAvg).
+    """
+
+    name: str
+    model: ModelConfig
+    train: LocalTrainConfig | None
+    hospitals: int = 0
+    rounds: int = 1
+
+
+def load_images(data_dir: Path, cache_dir: Path, image_size: int) -> list[PreparedImage]:
+    records = read_mias_records(data_dir)
+    prepared, skipped = preprocess_records(records, cache=PreprocessCache(cache_dir / "preprocessed"),
+                                           config=PreprocessConfig(size=image_size))
+    if skipped:
+        raise SystemExit(f"{skipped} images of {data_dir} could not be decoded")
+    return prepared
+
+
+def dataset_for(prepared: Sequence[PreparedImage], config: ModelConfig, cache: FeatureCache) -> CellDataset:
+    items = [labelled_image(p) for p in prepared]
+    return build_dataset(items, config, inputs=cache.inputs([item.image for item in items], config))
+
+
+def folds_for(prepared: Sequence[PreparedImage], *, k: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """(train indices, test indices) per fold, split by patient."""
+    patients = [p.record.patient_id for p in prepared]
+    labels = [p.record.label for p in prepared]
+    out = []
+    for train_patients, test_patients in kfold_patients(patients, labels, k=k, seed=seed):
+        train_set, test_set = set(train_patients), set(test_patients)
+        out.append(([i for i, p in enumerate(patients) if p in train_set],
+                    [i for i, p in enumerate(patients) if p in test_set]))
+    return out
+
+
+def cell_model_scores(variant: Variant, data: CellDataset, train_idx: list[int], test_idx: list[int],
+                      seed: int) -> tuple[np.ndarray, float | None]:
+    torch.manual_seed(seed)
+    model = build_model(variant.model)
+    config = replace(variant.train, seed=seed)
+    outcome = train_local(model, Subset(data, train_idx), config=config, accountant_state=None, device="cpu")
+    _, probs = predict_proba(model, Subset(data, test_idx))
+    return probs[:, MALIGNANT], outcome.epsilon
+
+
+def federated_scores(variant: Variant, data: CellDataset, prepared: Sequence[PreparedImage],
+                     train_idx: list[int], test_idx: list[int], seed: int) -> tuple[np.ndarray, float | None]:
+    """FedAvg of `variant.hospitals` IID hospitals cut from the training folds (what the federation's
+    nodes run each round, without the transport)."""
+    position = {id(prepared[i].record): i for i in train_idx}
+    parts = partition_patients([prepared[i].record for i in train_idx], num_partitions=variant.hospitals,
+                               scheme="iid", seed=seed)
+    sites = [Subset(data, [position[id(record)] for record in part]) for part in parts]
+    torch.manual_seed(seed)
+    model = build_model(variant.model)
+    states: list[dict | None] = [None] * len(sites)
+    epsilon = None
+    for round_number in range(variant.rounds):
+        updates = []
+        for k, site in enumerate(sites):
+            local = build_model(variant.model)
+            local.load_state_dict(model.state_dict())
+            config = replace(variant.train, seed=seed * 10_000 + round_number * 100 + k)
+            outcome = train_local(local, site, config=config, accountant_state=states[k], device="cpu")
+            states[k] = outcome.accountant_state
+            epsilon = outcome.epsilon if epsilon is None or outcome.epsilon is None else max(epsilon, outcome.epsilon)
+            updates.append((outcome.weights, outcome.num_examples))
+        model.load_state_dict(weighted_average(updates), strict=False)
+    _, probs = predict_proba(model, Subset(data, test_idx))
+    return probs[:, MALIGNANT], epsilon
+
+
+def logreg_scores(pooled: np.ndarray, labels: np.ndarray, train_idx: list[int], test_idx: list[int],
+                  seed: int) -> tuple[np.ndarray, None]:
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    classifier.fit(pooled[train_idx], labels[train_idx])
+    return classifier.predict_proba(pooled[test_idx])[:, list(classifier.classes_).index(MALIGNANT)], None
+
+
+def evaluate(variant: Variant, prepared: Sequence[PreparedImage], cache: FeatureCache, *, k: int,
+             seeds: Sequence[int]) -> dict:
+    data = dataset_for(prepared, variant.model, cache)
+    labels = data.labels.numpy()
+    score: Callable
+    if variant.train is None:
+        pooled = data.inputs.float().mean(dim=(2, 3)).numpy()
+        score = lambda tr, te, seed: logreg_scores(pooled, labels, tr, te, seed)  # noqa: E731
+    elif variant.hospitals:
+        score = lambda tr, te, seed: federated_scores(variant, data, prepared, tr, te, seed)  # noqa: E731
+    else:
+        score = lambda tr, te, seed: cell_model_scores(variant, data, tr, te, seed)  # noqa: E731
+    aucs, epsilons = [], []
+    start = time.perf_counter()
+    for seed in seeds:
+        scores = np.zeros(len(labels))
+        for train_idx, test_idx in folds_for(prepared, k=k, seed=seed):
+            scores[test_idx], epsilon = score(train_idx, test_idx, seed)
+            if epsilon is not None:
+                epsilons.append(epsilon)
+        aucs.append(float(roc_auc_score(labels == MALIGNANT, scores)))
+    return {"name": variant.name, "aucs": aucs, "epsilon": max(epsilons) if epsilons else None,
+            "seconds": time.perf_counter() - start}
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    cell = ModelConfig(kind="effnet_head", image_size=args.image_size, feature_layer=args.feature_layer,
+                       pooling=args.pooling, input_norm=not args.no_input_norm, top_k=args.top_k)
+    plain = LocalTrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                             dp=DPConfig(enabled=False))
+    private = replace(plain, dp=DPConfig(noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm))
+    out = [Variant("pooled head features + logreg", ModelConfig(kind="effnet_head", image_size=args.image_size,
+                                                                 feature_layer="head"), None),
+           Variant("cell model, no DP", cell, plain),
+           Variant(f"cell model, DP sigma {args.noise_multiplier:g}", cell, private),
+           Variant(f"FedAvg x{args.hospitals}, DP sigma {args.fed_noise_multiplier:g}", cell,
+                   replace(plain, epochs=args.local_epochs, learning_rate=args.fed_lr,
+                           dp=DPConfig(noise_multiplier=args.fed_noise_multiplier, max_grad_norm=args.max_grad_norm)),
+                   hospitals=args.hospitals, rounds=args.rounds)]
+    return [v for v in out if args.only is None or any(word in v.name for word in args.only)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--cache-dir", type=Path, default=Path("cache/bench"))
+    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--feature-layer", default="block14")
+    parser.add_argument("--pooling", default="classwise")
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--no-input-norm", action="store_true")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=0.5)
+    parser.add_argument("--noise-multiplier", type=float, default=1.0)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--hospitals", type=int, default=3, help="federated variant: IID hospitals")
+    parser.add_argument("--rounds", type=int, default=20, help="federated variant: rounds")
+    parser.add_argument("--local-epochs", type=int, default=1, help="federated variant: local epochs per round")
+    parser.add_argument("--fed-lr", type=float, default=0.5, help="federated variant: local learning rate")
+    parser.add_argument("--fed-noise-multiplier", type=float, default=2.0, help="federated variant: sigma")
+    parser.add_argument("--only", nargs="+", help="run only the variants whose name contains one of these words")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")  # once per fit; DESIGN §5
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # frozen-feature inputs
+    prepared = load_images(args.data_dir, args.cache_dir, args.image_size)
+    cache = FeatureCache(args.cache_dir / "features")
+    print(f"# model quality on mini-MIAS: {len(prepared)} images, patient-level {args.folds}-fold CV, seeds "
+          f"{args.seeds}, {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}, {args.feature_layer}, "
+          f"{args.pooling} top-{args.top_k}, input norm {not args.no_input_norm}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.machine()}")
+    print(f"{'variant':<34} {'AUC malignant':>15} {'per seed':>22} {'epsilon':>8} {'s':>6}")
+    for variant in variants(args):
+        row = evaluate(variant, prepared, cache, k=args.folds, seeds=args.seeds)
+        aucs = row["aucs"]
+        spread = statistics.stdev(aucs) if len(aucs) > 1 else 0.0
+        eps = f"{row['epsilon']:.2f}" if row["epsilon"] is not None else "-"
+        print(f"{row['name']:<34} {statistics.mean(aucs):>8.3f} ± {spread:.3f} "
+              f"{' '.join(f'{a:.3f}' for a in aucs):>22} {eps:>8} {row['seconds']:>6.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
