@@ -1,17 +1,20 @@
-"""How well does each model learn malignancy on mini-MIAS? Patient-level k-fold CV x seeds, centralised.
+"""How well does the model learn malignancy on mini-MIAS? Patient-level k-fold CV x seeds, one run.
 
-The protocol of the independent reference in the federated-training issue (DESIGN §9 numbers): every patient is
-tested exactly once per seed (`common.splits.kfold_patients`, stratified by worst label), the test predictions
-of all folds are pooled and one malignancy AUC is computed per seed; the table gives mean ± standard deviation
-over seeds. Variants, all on the same folds, in one run:
+The protocol of the independent reference in the federated-training issue: every patient is tested exactly once
+per seed (`common.splits.kfold_patients`, stratified by worst label), the test predictions of all folds are
+pooled and one malignancy AUC is computed per seed; the table gives mean ± standard deviation over seeds. Rows,
+all on the same folds:
 
-- ``pooled+logreg``: global-average-pooled frozen EfficientNet-Lite0 head features + logistic regression (the
-  reference's "pooled features do not see lesions" baseline);
-- the project's lesion-aware cell model (`common.models`), trained with the project's `train_local`, once
-  without DP and once with DP-SGD at the given noise multiplier (epsilon of one training run reported).
+- ``pooled head features + logreg``: global-average-pooled frozen EfficientNet-Lite0 head features + logistic
+  regression (the reference's "pooled features do not see lesions" baseline);
+- the `demo` preset's lesion-aware cell model trained centrally (one site holds all training folds) with the
+  project's `train_local`, without DP and with DP-SGD;
+- ``FedAvg``: the training folds cut into IID hospitals by patient, each running the `demo` preset's local round
+  (`client.node.local_train_config`) from the global weights with its accountant carried over, averaged by
+  example count (`common.aggregation.weighted_average`) for the preset's number of rounds: the federation
+  without its transport and without the hospitals' validation split.
 
-This is centralised training (one site holding all training folds): an upper bound for what a federation of
-the same data with the same privacy can reach. Frozen features are cached under ``--cache-dir``.
+Frozen features and preprocessed images are cached under ``--cache-dir``.
 """
 
 from __future__ import annotations
@@ -35,16 +38,20 @@ from torch.utils.data import Subset
 
 from client.feature_cache import FeatureCache
 from client.hospital_data import PreparedImage, labelled_image, preprocess_records
+from client.node import local_train_config
 from client.preprocess_cache import PreprocessCache
 from client.readers.mias import read_mias_records
 from client.training import DPConfig, LocalTrainConfig, train_local
 from common.aggregation import weighted_average
+from common.device import default_device
 from common.evaluation import predict_proba
 from common.models import CellDataset, ModelConfig, build_dataset, build_model
 from common.partitioning import partition_patients
 from common.preprocessing import PreprocessConfig
 from common.records import CLASS_NAMES
+from common.run_config import ConfigError, RunConfig
 from common.splits import kfold_patients
+from simulations.presets import resolve
 
 MALIGNANT = CLASS_NAMES.index("malignant")
 
@@ -65,10 +72,10 @@ class Variant:
     rounds: int = 1
 
 
-def load_images(data_dir: Path, cache_dir: Path, image_size: int) -> list[PreparedImage]:
+def load_images(data_dir: Path, cache_dir: Path, config: PreprocessConfig) -> list[PreparedImage]:
     records = read_mias_records(data_dir)
     prepared, skipped = preprocess_records(records, cache=PreprocessCache(cache_dir / "preprocessed"),
-                                           config=PreprocessConfig(size=image_size))
+                                           config=config)
     if skipped:
         raise SystemExit(f"{skipped} images of {data_dir} could not be decoded")
     return prepared
@@ -76,7 +83,8 @@ def load_images(data_dir: Path, cache_dir: Path, image_size: int) -> list[Prepar
 
 def dataset_for(prepared: Sequence[PreparedImage], config: ModelConfig, cache: FeatureCache) -> CellDataset:
     items = [labelled_image(p) for p in prepared]
-    return build_dataset(items, config, inputs=cache.inputs([item.image for item in items], config))
+    inputs = cache.inputs([item.image for item in items], config, device=default_device())
+    return build_dataset(items, config, inputs=inputs)
 
 
 def folds_for(prepared: Sequence[PreparedImage], *, k: int, seed: int) -> list[tuple[list[int], list[int]]]:
@@ -96,7 +104,8 @@ def cell_model_scores(variant: Variant, data: CellDataset, train_idx: list[int],
     torch.manual_seed(seed)
     model = build_model(variant.model)
     config = replace(variant.train, seed=seed)
-    outcome = train_local(model, Subset(data, train_idx), config=config, accountant_state=None, device="cpu")
+    outcome = train_local(model, Subset(data, train_idx), config=config, accountant_state=None,
+                          device=default_device())
     _, probs = predict_proba(model, Subset(data, test_idx))
     return probs[:, MALIGNANT], outcome.epsilon
 
@@ -119,7 +128,8 @@ def federated_scores(variant: Variant, data: CellDataset, prepared: Sequence[Pre
             local = build_model(variant.model)
             local.load_state_dict(model.state_dict())
             config = replace(variant.train, seed=seed * 10_000 + round_number * 100 + k)
-            outcome = train_local(local, site, config=config, accountant_state=states[k], device="cpu")
+            outcome = train_local(local, site, config=config, accountant_state=states[k],
+                                  device=default_device())
             states[k] = outcome.accountant_state
             epsilon = outcome.epsilon if epsilon is None or outcome.epsilon is None else max(epsilon, outcome.epsilon)
             updates.append((outcome.weights, outcome.num_examples))
@@ -160,20 +170,18 @@ def evaluate(variant: Variant, prepared: Sequence[PreparedImage], cache: Feature
             "seconds": time.perf_counter() - start}
 
 
-def variants(args: argparse.Namespace) -> list[Variant]:
-    cell = ModelConfig(kind="effnet_head", image_size=args.image_size, feature_layer=args.feature_layer,
-                       pooling=args.pooling, input_norm=not args.no_input_norm, top_k=args.top_k)
+def variants(args: argparse.Namespace, demo: RunConfig) -> list[Variant]:
+    """The reference, the cell model centralised without and with DP, and the `demo` preset's federation."""
+    cell = demo.model_config()
     plain = LocalTrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                              dp=DPConfig(enabled=False))
     private = replace(plain, dp=DPConfig(noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm))
-    out = [Variant("pooled head features + logreg", ModelConfig(kind="effnet_head", image_size=args.image_size,
-                                                                 feature_layer="head"), None),
+    federated = local_train_config(demo, server_round=1)  # seeded per site and round below
+    out = [Variant("pooled head features + logreg", replace(cell, feature_layer="head"), None),
            Variant("cell model, no DP", cell, plain),
            Variant(f"cell model, DP sigma {args.noise_multiplier:g}", cell, private),
-           Variant(f"FedAvg x{args.hospitals}, DP sigma {args.fed_noise_multiplier:g}", cell,
-                   replace(plain, epochs=args.local_epochs, learning_rate=args.fed_lr,
-                           dp=DPConfig(noise_multiplier=args.fed_noise_multiplier, max_grad_norm=args.max_grad_norm)),
-                   hospitals=args.hospitals, rounds=args.rounds)]
+           Variant(f"FedAvg x{args.hospitals}, demo settings", cell, federated, hospitals=args.hospitals,
+                   rounds=demo.num_server_rounds)]
     return [v for v in out if args.only is None or any(word in v.name for word in args.only)]
 
 
@@ -181,35 +189,36 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--cache-dir", type=Path, default=Path("cache/bench"))
-    parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--feature-layer", default="block14")
-    parser.add_argument("--pooling", default="classwise")
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--no-input-norm", action="store_true")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=0.5)
-    parser.add_argument("--noise-multiplier", type=float, default=1.0)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--epochs", type=int, default=20, help="centralised variants: epochs")
+    parser.add_argument("--batch-size", type=int, default=64, help="centralised variants: expected batch size")
+    parser.add_argument("--lr", type=float, default=1.0, help="centralised variants: SGD learning rate")
+    parser.add_argument("--noise-multiplier", type=float, default=1.75, help="centralised DP variant: sigma")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="centralised DP variant: clip norm")
     parser.add_argument("--hospitals", type=int, default=3, help="federated variant: IID hospitals")
-    parser.add_argument("--rounds", type=int, default=20, help="federated variant: rounds")
-    parser.add_argument("--local-epochs", type=int, default=1, help="federated variant: local epochs per round")
-    parser.add_argument("--fed-lr", type=float, default=0.5, help="federated variant: local learning rate")
-    parser.add_argument("--fed-noise-multiplier", type=float, default=2.0, help="federated variant: sigma")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the demo preset (model keys change every cell-model row), e.g. "
+                             "--set feature-layer=head --set input-norm=false")
     parser.add_argument("--only", nargs="+", help="run only the variants whose name contains one of these words")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="Secure RNG turned off")  # once per fit; DESIGN §5
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # frozen-feature inputs
-    prepared = load_images(args.data_dir, args.cache_dir, args.image_size)
+    try:
+        demo = resolve("demo", args.set).run
+    except ConfigError as exc:
+        parser.error(str(exc))
+    prepared = load_images(args.data_dir, args.cache_dir, demo.preprocess_config())
     cache = FeatureCache(args.cache_dir / "features")
+    model = demo.model_config()
     print(f"# model quality on mini-MIAS: {len(prepared)} images, patient-level {args.folds}-fold CV, seeds "
-          f"{args.seeds}, {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}, {args.feature_layer}, "
-          f"{args.pooling} top-{args.top_k}, input norm {not args.no_input_norm}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.machine()}")
+          f"{args.seeds}; model {model.kind} {model.feature_layer} {model.pooling} top-{model.top_k}, input norm "
+          f"{model.input_norm}; centralised: {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}; "
+          f"federated: demo preset ({demo.num_server_rounds} rounds, batch {demo.batch_size}, lr {demo.lr}, "
+          f"sigma {demo.noise_multiplier:g}); torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.machine()}")
     print(f"{'variant':<34} {'AUC malignant':>15} {'per seed':>22} {'epsilon':>8} {'s':>6}")
-    for variant in variants(args):
+    for variant in variants(args, demo):
         row = evaluate(variant, prepared, cache, k=args.folds, seeds=args.seeds)
         aucs = row["aucs"]
         spread = statistics.stdev(aucs) if len(aucs) > 1 else 0.0

@@ -15,11 +15,10 @@ Presets:
 - ``smoke``: seconds of work (plus Flower's start-up). 2 hospitals, 1 round, the small CNN on 64-px images of
   16 patients, DP on.
 - ``demo``: what ``make demo`` runs. 3 hospitals, all of mini-MIAS, DP on, the lesion-aware frozen-feature model
-  ``effnet_head`` on EfficientNet-Lite0 block-15 features (320 channels per 32-px cell instead of the head
-  layer's 1280: a cell head with a quarter of the weights, so DP-SGD's noise, added to every weight, weighs
-  less); 20 rounds of one local epoch, noise multiplier 2, batch 16: epsilon about 5.5 at delta 1e-5 per
-  hospital, under the default budget of 10. Measured 3 to 4.5 minutes on 2 shared CPU cores, feature extraction
-  and held-out evaluation included.
+  ``effnet_head`` with the run config's model defaults (EfficientNet-Lite0 block-14 features, 192 channels per
+  32-px cell, standardised per image, classwise top-2 pooling); 20 rounds of one local epoch, noise multiplier 2,
+  batch 16: epsilon about 5.5 at delta 1e-5 per hospital, under the default budget of 10. Measured 3 to 4.5
+  minutes on 2 shared CPU cores, feature extraction and held-out evaluation included.
 - ``full``: the demo's settings for 40 rounds (epsilon about 8).
 """
 
@@ -73,7 +72,6 @@ _DEMO_OVERRIDES: Mapping[str, Any] = MappingProxyType({
     "num-server-rounds": 20,
     "model": "effnet_head",
     "image-size": 512,
-    "feature-layer": "block15",
     "local-epochs": 1,
     "lr": 0.05,
     "batch-size": 16,
