@@ -112,11 +112,16 @@ def _tensor(value: Any) -> torch.Tensor:
 
 
 def _dataclass_from(cls, data: dict):
-    """Rebuild a frozen config dataclass from its JSON form (lists back to tuples where the field holds one)."""
+    """Rebuild a frozen config dataclass from its JSON form (lists back to tuples where the field holds one).
+    Every field must be present: defaults change between versions, a model's settings must not."""
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise BundleError(f"{cls.__name__} in the bundle has fields this version does not know: {unknown}")
+    missing = sorted(set(known) - set(data))
+    if missing:  # a default filled in here could differ from the one the model was trained with
+        raise BundleError(f"{cls.__name__} in the bundle lacks fields this version needs: {missing} (written "
+                          f"by an older version; retrain or re-export the model)")
     values = {}
     for name, value in data.items():
         default = known[name].default

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -67,3 +68,17 @@ def test_not_a_bundle_and_mismatched_weights_are_refused(tmp_path):
         load_weights(model, {k: v for k, v in weights.items() if k != first})
     with pytest.raises(WeightsError, match=f"'{first}' has shape"):
         load_weights(model, {**weights, first: weights[first][..., :1]})
+
+
+def test_a_bundle_missing_a_model_setting_is_refused_not_defaulted(tmp_path):
+    """A bundle written before `input_norm` existed must not load with today's default (True)."""
+    config = ModelConfig(kind="effnet_head", image_size=64, input_norm=False)
+    path = save_bundle(tmp_path / "old.mammofl", exchanged_weights(build_model(config)),
+                       BundleMeta(model_config=config, preprocess_config=PreprocessConfig(size=64)))
+    payload = torch.load(path, weights_only=True)
+    meta = json.loads(payload["meta"])
+    del meta["model_config"]["input_norm"]
+    payload["meta"] = json.dumps(meta)
+    torch.save(payload, path)
+    with pytest.raises(BundleError, match=r"ModelConfig in the bundle lacks fields this version needs: \['input_norm'\]"):
+        load_bundle(path)

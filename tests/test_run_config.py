@@ -96,3 +96,13 @@ def test_model_config_carries_every_model_key():
             model.head_hidden) == ("effnet_head", 256, 3, "abnormal", "block15", False, 8)
     with pytest.raises(ConfigError, match="run config 'pooling': must be one of classwise, abnormal"):
         RunConfig.from_flower({"pooling": "max"})
+
+
+def test_run_config_choices_match_the_models():
+    """run_config keeps its own copies (it imports no torch); they must name what common.models builds."""
+    from common import run_config
+    from common.models import MODEL_KINDS
+    from common.models.cell_classifier import POOLINGS
+
+    assert run_config.MODEL_KINDS == MODEL_KINDS
+    assert set(run_config.POOLINGS) == set(POOLINGS)
