@@ -17,7 +17,7 @@ Presets:
 - ``demo``: what ``make demo`` runs. 3 hospitals, all of mini-MIAS, DP on, the lesion-aware frozen-feature model
   ``effnet_head`` with the run config's model defaults (EfficientNet-Lite0 block-14 features, 192 channels per
   32-px cell, standardised per image, classwise top-2 pooling); 20 rounds of one local epoch, noise multiplier 2,
-  batch 16: epsilon about 5.5 at delta 1e-5 per hospital, under the default budget of 10. Measured 3 to 4.5
+  batch 16: epsilon about 5.5 at delta 1e-5 per hospital, under the default budget of 10. Measured 2.5 to 4.5
   minutes on 2 shared CPU cores, feature extraction and held-out evaluation included.
 - ``full``: the demo's settings for 40 rounds (epsilon about 8).
 """
