@@ -85,12 +85,7 @@ class PrivacyAccountant:
         history: list[HistoryEntry] = []
         for entry in state["history"]:
             _merge(history, _entry(entry))
-        previous, self._history = self._history, history
-        try:
-            self._check()
-        except ValueError:
-            self._history = previous
-            raise
+        self._replace_history(history)
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any] | None, *,
@@ -111,6 +106,10 @@ class PrivacyAccountant:
         """Record `steps` DP-SGD steps with this noise multiplier and Poisson sample rate."""
         history = list(self._history)
         _merge(history, _entry((noise_multiplier, sample_rate, steps)))
+        self._replace_history(history)
+
+    def _replace_history(self, history: list[HistoryEntry]) -> None:
+        """Adopt `history` if this accountant can compute epsilon from it; otherwise keep the old one and raise."""
         previous, self._history = self._history, history
         try:
             self._check()
