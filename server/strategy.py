@@ -66,6 +66,16 @@ class RoundReport:
     def missing(self) -> int:
         return max(self.sampled - self.valid - self.refused - self.rejected - self.failed, 0)
 
+    def count(self, outcome: str, hospital: str, reason: str) -> None:
+        """One reply that is not aggregated: `outcome` is "refused", "rejected" or "failed"; the note says why."""
+        setattr(self, outcome, getattr(self, outcome) + 1)
+        self.notes.append(f"{hospital}: {outcome}: {reason}")
+
+    def close(self, valid: int) -> None:
+        """Record the valid replies; more replies than were sent (a node answering twice) raise `sampled`."""
+        self.valid = valid
+        self.sampled = max(self.sampled, valid + self.refused + self.rejected + self.failed)
+
     def to_json(self) -> dict:
         return {**asdict(self), "missing": self.missing}
 
@@ -147,29 +157,23 @@ class MammoStrategyMixin:
         for msg in replies:
             hospital = self._hospital(msg, sent)
             if msg.has_error():
-                report.failed += 1
-                report.notes.append(f"{hospital}: failed: {msg.error.reason}")
+                report.count("failed", hospital, msg.error.reason)
                 continue
             metrics = msg.content.metric_records.get(wire.METRICS)
             eps = self._note_privacy(hospital, metrics, rnd) if metrics is not None else None
             if eps is not None:
                 epsilons.append(eps)
             if metrics is not None and metrics.get(wire.REFUSED) == 1:
-                report.refused += 1
                 entry = self.privacy.setdefault(hospital, {})
                 entry["refusals"] = entry.get("refusals", 0) + 1
-                reason = _refusal_reason(msg.content)
-                report.notes.append(f"{hospital}: " + (reason if reason.startswith("refused") else
-                                                       f"refused: {reason}"))
+                report.count("refused", hospital, _refusal_reason(msg.content).removeprefix("refused: "))
                 continue
             problem = self.validate_train_reply(msg.content)
             if problem:
-                report.rejected += 1
-                report.notes.append(f"{hospital}: rejected: {problem}")
+                report.count("rejected", hospital, problem)
                 continue
             valid.append(msg)
-        report.valid = len(valid)
-        report.sampled = max(report.sampled, report.valid + report.refused + report.rejected + report.failed)
+        report.close(len(valid))
         self.train_reports[rnd] = report
         for note in report.notes:
             log.warning("round %d train: %s", rnd, note)
@@ -183,19 +187,15 @@ class MammoStrategyMixin:
         for msg in replies:
             hospital = self._hospital(msg, sent)
             if msg.has_error():
-                report.failed += 1
-                report.notes.append(f"{hospital}: failed: {msg.error.reason}")
+                report.count("failed", hospital, msg.error.reason)
                 continue
             metrics = msg.content.metric_records.get(wire.METRICS)
             n = metrics.get(wire.NUM_EXAMPLES) if metrics is not None else None
             if not _is_count(n) or n <= 0:
-                report.rejected += 1
-                report.notes.append(f"{hospital}: rejected: evaluate reply without a positive "
-                                    f"'{wire.NUM_EXAMPLES}'")
+                report.count("rejected", hospital, f"evaluate reply without a positive '{wire.NUM_EXAMPLES}'")
                 continue
             records.append(metrics)
-        report.valid = len(records)
-        report.sampled = max(report.sampled, report.valid + report.rejected + report.failed)
+        report.close(len(records))
         self.evaluate_reports[rnd] = report
         for note in report.notes:
             log.warning("round %d evaluate: %s", rnd, note)
