@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from opacus import PrivacyEngine
 from torch import nn
@@ -35,7 +36,7 @@ from common.privacy import PrivacyAccountant
 from common.training_config import DPConfig, LocalTrainConfig
 
 __all__ = ["DPConfig", "DPPlan", "EvalOutcome", "LocalTrainConfig", "TrainOutcome", "evaluate_local",
-           "plan_dp_round", "strip_module_prefix", "train_local"]
+           "plan_dp_round", "stream_seeds", "strip_module_prefix", "train_local"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,19 @@ def _generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Ge
     return generator
 
 
+def stream_seeds(seed: int | None) -> tuple[int | None, int | None]:
+    """Independent seeds for the sampling stream and the noise stream of one training call.
+
+    One seed for both would make the DP noise a function of the Poisson sampling draws; the two streams are
+    spawned from `seed` with numpy's SeedSequence, so they are independent and still reproducible.
+    """
+    if seed is None:
+        return None, None
+    sampling, noise = (int(child.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+                       for child in np.random.SeedSequence(seed).spawn(2))
+    return sampling, noise
+
+
 def _empty_step(params: list[nn.Parameter], mode: str) -> None:
     """Gradients of an empty batch, so the optimizer still takes its noise-only step: zero per-sample rows
     (hooks, functorch, ew), or a zero clipped sum (ghost clipping)."""
@@ -144,9 +158,9 @@ def train_local(model: nn.Module, train_set: Dataset, *, config: LocalTrainConfi
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params] if config.proximal_mu > 0 else None
     optimizer = _optimizer(params, config)
-    seed = None if dp.secure_mode else config.seed
+    sampling_seed, noise_seed = stream_seeds(None if dp.secure_mode else config.seed)
     loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=not dp.enabled,
-                        generator=_generator(seed))
+                        generator=_generator(sampling_seed))
     train_model: nn.Module = model
     criterion = _LesionCriterion(config.cell_loss_weight)
     engine = None
@@ -158,7 +172,7 @@ def train_local(model: nn.Module, train_set: Dataset, *, config: LocalTrainConfi
             module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
             poisson_sampling=True, grad_sample_mode=dp.grad_sample_mode,
-            noise_generator=_generator(seed, device),
+            noise_generator=_generator(noise_seed, device),
         )
         if dp.grad_sample_mode == "ghost":
             train_model, optimizer, criterion, loader = private

@@ -163,3 +163,23 @@ def test_plan_matches_opacus_schedule():
     assert (plan.sample_rate, plan.steps) == (0.25, 8)
     capped = plan_dp_round(10, config=LocalTrainConfig(batch_size=3, epochs=2, max_steps=5))
     assert capped.steps == 5
+
+
+def test_sampling_and_noise_streams_are_independent_but_reproducible():
+    """One seed must not drive both the Poisson sampler and the noise: the noise would be a function of the
+    sampling draws. The two streams come from the seed, differ, and repeat for the same seed."""
+    from client.training import stream_seeds
+
+    sampling, noise = stream_seeds(7)
+    assert sampling != noise and sampling != 7 and noise != 7
+    assert stream_seeds(7) == (sampling, noise)
+    assert stream_seeds(8) != (sampling, noise)
+    assert stream_seeds(None) == (None, None)
+    first = [torch.Generator().manual_seed(s).initial_seed() for s in (sampling, noise)]
+    assert first[0] != first[1]
+    model_a, model_b = build_model(HEAD), build_model(HEAD)
+    model_b.load_state_dict(model_a.state_dict())
+    a = train_local(model_a, _dataset(), config=_config(), accountant_state=None, device="cpu")
+    b = train_local(model_b, _dataset(), config=_config(), accountant_state=None, device="cpu")
+    for key in a.weights:
+        assert torch.equal(a.weights[key], b.weights[key])
