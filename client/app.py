@@ -6,6 +6,13 @@
 of one run the node keeps, in ``context.state``, the rounds it has trained (a replayed round is refused); what must
 outlive the run, the privacy ledger, is on the node's disk (node config ``state-dir``).
 
+Distributed noise over secure aggregation: every ClientApp carries Flower's SecAgg+ mod (``secaggplus_mod``,
+behind :func:`secure_aggregation_mod`, which hands it only SecAgg+ messages). Its setup, key-sharing and unmasking
+stages never reach the handlers; in its masked-vector stage it calls the train handler with the round's legacy
+``fitins``, and masks the noised gradient sum the handler returns before the reply leaves the node (the clear
+arrays are removed). The handler reads the round's terms (participants, threshold, ranges) from the mod's own
+state, so what it relies on comes from the protocol run on this node, not from the coordinator's config.
+
 In-process simulation hands the apps an empty run config: :func:`make_client_app` takes the run config
 overrides, optional per-partition node config overrides (e.g. a smaller ``max-epsilon`` for one virtual hospital)
 and extra Flower mods.
@@ -19,19 +26,27 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Stage
 
-from client.node import TrainResult, evaluate_round, local_train_config, train_round
+from client.node import (SecureRoundTerms, TrainResult, evaluate_round, local_train_config, train_round,
+                         train_secure_round)
 from client.training import EvalOutcome
 from common import wire
+from common.distributed_dp import SecureSumRange
 from common.metrics import scalar_metrics
 from common.run_config import ConfigError, NodeConfig, RunConfig
 
-__all__ = ["NodeFailure", "app", "evaluation_reply_metrics", "local_train_config", "make_client_app",
-           "train_reply_metrics"]
+__all__ = ["NodeFailure", "NodeRefusal", "app", "evaluation_reply_metrics", "local_train_config",
+           "make_client_app", "secure_aggregation_mod", "train_reply_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +63,25 @@ class NodeFailure(RuntimeError):
     """
 
 
+class NodeRefusal(RuntimeError):
+    """A node declines a secure round (budget, policy, no secure aggregation). Raised, not replied: a SecAgg+
+    participant that sends no masked vector is a dropout, which the protocol handles; the reason names no data."""
+
+
+def secure_aggregation_mod(msg: Message, context: Context, call_next: Callable) -> Message:
+    """Flower's SecAgg+ mod for SecAgg+ train messages; every other message goes straight to the handlers."""
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 def _confined(stage: str) -> Callable:
     def decorate(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
         @functools.wraps(handler)
         def wrapped(msg: Message, context: Context) -> Message:
             try:
                 return handler(msg, context)
-            except ConfigError:
+            except (ConfigError, NodeRefusal):
                 raise
             except Exception as error:  # noqa: BLE001 - every failure is reported, none with its message
                 log.exception("%s failed", stage)
@@ -68,7 +95,7 @@ def make_client_app(*, overrides: Mapping[str, Any] | None = None,
                     node_overrides: Mapping[int, Mapping[str, Any]] | None = None,
                     mods: list | None = None) -> ClientApp:
     """A ClientApp; `overrides` win over Flower's run config, `node_overrides[partition_id]` over node config."""
-    client_app = ClientApp(mods=list(mods or []))
+    client_app = ClientApp(mods=[secure_aggregation_mod, *(mods or [])])
 
     def configs(context: Context) -> tuple[RunConfig, NodeConfig]:
         run = RunConfig.from_flower(context.run_config, overrides)
@@ -82,6 +109,8 @@ def make_client_app(*, overrides: Mapping[str, Any] | None = None,
         torch.set_num_threads(1)
         run, node = configs(context)
         state = context.state.config_records.get(_STATE) or ConfigRecord({_TRAINED: []})
+        if _LEGACY_FITINS in msg.content.array_records:
+            return _secure_train(msg, context, run, node, state)
         server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
         result = train_round(run=run, node=node, global_weights=_weights(msg), server_round=server_round,
                              proximal_mu=float(msg.content[wire.CONFIG].get(wire.PROXIMAL_MU, 0.0)),
@@ -103,11 +132,50 @@ def make_client_app(*, overrides: Mapping[str, Any] | None = None,
     return client_app
 
 
+_LEGACY_FITINS = "fitins.parameters"  # a legacy (SecAgg+) training instruction's ArrayRecord
+
+
+def _secure_train(msg: Message, context: Context, run: RunConfig, node: NodeConfig, state: ConfigRecord) -> Message:
+    """The SecAgg+ masked-vector stage's call: train one step with this node's noise share, reply legacy fitres."""
+    protocol = context.state.config_records.get(RECORD_KEY_STATE)
+    if RECORD_KEY_CONFIGS not in msg.content.config_records or protocol is None:
+        raise NodeRefusal("refused: a training instruction for a secure sum arrived without secure aggregation "
+                          "(no SecAgg+ state on this node): this node's update would leave in clear")
+    secagg = SecAggPlusState(**protocol)
+    if secagg.current_stage != Stage.SHARE_KEYS:
+        raise NodeRefusal(f"refused: SecAgg+ is at stage '{secagg.current_stage}', expected the keys to be shared "
+                          f"before training")
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    keys = wire.split_keys(str(fitins.config.get(wire.WEIGHT_KEYS, "")))
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    if len(keys) != len(arrays):
+        raise ValueError(f"{len(arrays)} weight arrays but {len(keys)} names in '{wire.WEIGHT_KEYS}'")
+    server_round = int(fitins.config[wire.SERVER_ROUND])
+    terms = SecureRoundTerms(
+        participants=int(secagg.sample_num), threshold=int(secagg.threshold), max_weight=float(secagg.max_weight),
+        sum_range=SecureSumRange(clipping_range=float(secagg.clipping_range),
+                                 quantization_range=int(secagg.target_range), modulus_range=int(secagg.mod_range),
+                                 participants=int(secagg.sample_num)))
+    result = train_secure_round(run=run, node=node, global_weights=dict(zip(keys, arrays)),
+                                server_round=server_round, terms=terms, trained_rounds=frozenset(state[_TRAINED]),
+                                run_id=str(context.run_id))
+    if result.refused:
+        raise NodeRefusal(result.refusal)
+    state[_TRAINED] = [*state[_TRAINED], server_round]
+    context.state[_STATE] = state
+    metrics = dict(train_reply_metrics(result, node))
+    fitres = FitRes(status=Status(code=Code.OK, message="ok"),
+                    parameters=ndarrays_to_parameters([result.gradient_sum[k] for k in keys]),
+                    num_examples=1, metrics=metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
 def train_reply_metrics(result: TrainResult, node: NodeConfig) -> MetricRecord:
-    """The numbers a train (or refusal) reply carries."""
+    """The numbers a train (or refusal) reply carries; a secure round's (``gradient_sum`` set) has no loss."""
     metrics = {
         wire.NUM_EXAMPLES: result.num_examples,
         wire.EPSILON: float(result.epsilon),
+        wire.EPSILON_OWN_NOISE: float(result.epsilon_own_noise),
         wire.DELTA: float(result.delta),
         wire.STEPS: int(result.steps),
         wire.REFUSED: 1.0 if result.refused else 0.0,
@@ -115,10 +183,12 @@ def train_reply_metrics(result: TrainResult, node: NodeConfig) -> MetricRecord:
     if result.refused:
         metrics[wire.MAX_EPSILON] = float(result.max_epsilon)
     else:
-        metrics.update({wire.TRAIN_LOSS: float(result.train_loss),
-                        wire.NOISE_MULTIPLIER: float(result.noise_multiplier),
+        metrics.update({wire.NOISE_MULTIPLIER: float(result.noise_multiplier),
+                        wire.AGGREGATE_NOISE_MULTIPLIER: float(result.aggregate_noise_multiplier),
                         wire.MAX_GRAD_NORM: float(result.max_grad_norm),
                         wire.DP_ENABLED: 1.0 if result.dp else 0.0})
+        if result.gradient_sum is None:
+            metrics[wire.TRAIN_LOSS] = float(result.train_loss)
     if node.partition_id is not None:
         metrics[wire.PARTITION_ID] = node.partition_id
     return MetricRecord(metrics)

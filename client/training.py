@@ -63,6 +63,7 @@ class TrainOutcome:
     sample_rate: float | None
     accountant: str | None
     weights: dict[str, torch.Tensor]
+    expected_batch_size: int | None = None  # with DP: what Opacus divides the noised clipped sum by
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ def train_local(model: nn.Module, train_set: Dataset, *, config: LocalTrainConfi
     train_model: nn.Module = model
     criterion = _LesionCriterion(config.cell_loss_weight)
     engine = None
+    expected_batch_size = None
     if dp.enabled:
         engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
         prior = PrivacyAccountant.from_state_dict(accountant_state, mechanism=dp.accountant)
@@ -178,6 +180,7 @@ def train_local(model: nn.Module, train_set: Dataset, *, config: LocalTrainConfi
             train_model, optimizer, criterion, loader = private
         else:
             train_model, optimizer, loader = private
+        expected_batch_size = int(optimizer.expected_batch_size)
     plan = plan_dp_round(n, config=config)
     steps, loss_sum, seen = 0, 0.0, 0
     try:
@@ -212,7 +215,7 @@ def train_local(model: nn.Module, train_set: Dataset, *, config: LocalTrainConfi
     epsilon = after.epsilon(dp.delta)
     log.info("local round: %d steps, epsilon %.3f (delta %g, %s)", steps, epsilon, dp.delta, dp.accountant)
     return TrainOutcome(n, train_loss, steps, epsilon, dp.delta, after.state_dict(), dp.noise_multiplier,
-                        dp.max_grad_norm, plan.sample_rate, dp.accountant, weights)
+                        dp.max_grad_norm, plan.sample_rate, dp.accountant, weights, expected_batch_size)
 
 
 def evaluate_local(model: nn.Module, dataset: Dataset, *, device: torch.device | str,

@@ -24,6 +24,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam")
 ACCOUNTANTS = ("rdp", "prv")
 PARTITION_SCHEMES = ("iid", "dirichlet", "tissue")
 POOLINGS = ("classwise", "abnormal")
+DP_MODES = ("auto", "local", "distributed")
 
 
 class ConfigError(ValueError):
@@ -86,6 +87,11 @@ class RunConfig:
     accountant: str = _opt("rdp", "privacy accountant (recorded with every epsilon)", choices=ACCOUNTANTS)
     max_epsilon: float = _opt(10.0, "default lifetime privacy budget of a node (node config max-epsilon wins)",
                               low=0.0, low_open=True)
+    dp_mode: str = _opt("auto", "where DP noise is added: local (each hospital noises its own update), distributed "
+                        "(each adds a share, only the SecAgg+ sum carries noise-multiplier; one step per round), "
+                        "auto (distributed when min-nodes >= 3 and strategy is fedavg)", choices=DP_MODES)
+    secagg_dropouts: int = _opt(1, "distributed mode: hospitals that may drop out of a round with the sum still "
+                                "revealed (SecAgg+ threshold = sampled - this, at least 2)", low=0)
     # ------------------------------------------------------------ run directory
     run_dir: str = _opt("", "where the coordinator writes metrics, checkpoints and the model (empty = "
                         "runs/<UTC time>)")
@@ -100,6 +106,8 @@ class RunConfig:
                                     low=0.0, high=0.9)
     sim_max_patients: int = _opt(0, "use only this many patients (0 = all; for quick runs)", low=0)
     sim_central_eval: bool = _opt(True, "evaluate the global model on the held-out test set every round")
+    sim_budget_on_aggregate: bool = _opt(False, "virtual hospitals check their budget on the epsilon of the secure "
+                                         "sum (trusting SecAgg+) instead of their own noise")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -119,6 +127,9 @@ class RunConfig:
             raise ConfigError(
                 f"run config 'min-evaluate-replies' ({self.min_evaluate_replies}) exceeds 'min-nodes' "
                 f"({self.min_nodes})")
+        if self.dp_mode == "distributed" and self.strategy != "fedavg":
+            raise ConfigError(f"run config 'dp-mode' distributed trains by FedSGD over secure aggregation; "
+                              f"'strategy' {self.strategy} is not available with it (use fedavg, or dp-mode local)")
         if self.fraction_evaluate == 0.0 and self.min_evaluate_replies > 0:
             raise ConfigError("run config 'min-evaluate-replies' must be 0 when 'fraction-evaluate' is 0")
 
@@ -183,6 +194,14 @@ class RunConfig:
                            feature_layer=self.feature_layer, input_norm=self.input_norm,
                            finetune_from=self.finetune_from, head_hidden=self.head_hidden)
 
+    @property
+    def distributed_dp(self) -> bool:
+        """Whether rounds use distributed noise over secure aggregation (``dp-mode``; auto: min-nodes >= 3)."""
+        if not self.dp:
+            return False
+        return self.dp_mode == "distributed" or (self.dp_mode == "auto" and self.min_nodes >= 3
+                                                 and self.strategy == "fedavg")
+
     def updated(self, **changes: Any) -> RunConfig:
         """A copy with some fields (python names) changed, validated again."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -196,7 +215,11 @@ class NodeConfig:
 
     Node config keys: ``data-dir`` (images), ``manifest`` (CSV; absent for a mini-MIAS folder), ``max-epsilon``
     (the hospital's lifetime budget; default: run config ``max-epsilon``), ``state-dir`` (privacy ledger and
-    caches; must survive restarts). In simulation Flower adds ``partition-id`` and ``num-partitions``; the data
+    caches; must survive restarts), and the node's policy for distributed noise: ``budget-on-aggregate`` (check
+    the budget on the epsilon of the secure sum, trusting secure aggregation; default false: on the node's own
+    noise) and ``secagg-max-dropouts`` (join a secure sum only if it cannot be revealed with more dropouts than
+    this; default 1). A simulated hospital takes these two from run config ``sim-budget-on-aggregate`` and
+    ``secagg-dropouts`` unless its node config sets them. In simulation Flower adds ``partition-id`` and ``num-partitions``; the data
     is then run config ``sim-data-dir`` cut by patient, and the state lives under ``sim-state-dir``.
     """
 
@@ -206,8 +229,11 @@ class NodeConfig:
     manifest: Path | None = None
     partition_id: int | None = None
     num_partitions: int | None = None
+    budget_on_aggregate: bool = False
+    secagg_max_dropouts: int = 1
 
-    KEYS = ("data-dir", "manifest", "max-epsilon", "state-dir", "partition-id", "num-partitions")
+    KEYS = ("data-dir", "manifest", "max-epsilon", "state-dir", "partition-id", "num-partitions",
+            "budget-on-aggregate", "secagg-max-dropouts")
 
     @property
     def is_simulation(self) -> bool:
@@ -244,9 +270,19 @@ class NodeConfig:
             data_dir = _node_path(values, "data-dir") or _run_path(run.sim_data_dir, "sim-data-dir")
             state_dir = _node_path(values, "state-dir") or (
                 _run_path(run.sim_state_dir, "sim-state-dir") / f"hospital-{partition_id}")
+        simulated = partition_id is not None
+        budget_on_aggregate = values.get("budget-on-aggregate", run.sim_budget_on_aggregate if simulated else False)
+        if not isinstance(budget_on_aggregate, bool):
+            raise ConfigError(f"node config 'budget-on-aggregate': expected true or false, got {budget_on_aggregate!r}")
+        max_dropouts = _node_int(values, "secagg-max-dropouts")
+        if max_dropouts is None:
+            max_dropouts = run.secagg_dropouts if simulated else 1
+        if max_dropouts < 0:
+            raise ConfigError(f"node config 'secagg-max-dropouts' must be >= 0, got {max_dropouts}")
         return cls(data_dir=data_dir, state_dir=state_dir, max_epsilon=float(max_epsilon),
                    manifest=_node_path(values, "manifest"), partition_id=partition_id,
-                   num_partitions=num_partitions)
+                   num_partitions=num_partitions, budget_on_aggregate=budget_on_aggregate,
+                   secagg_max_dropouts=max_dropouts)
 
 
 # ---------------------------------------------------------------- checks

@@ -12,6 +12,13 @@ Message layout (Flower Message API):
 - refusal reply (node budget exhausted): ``{METRICS: MetricRecord(REFUSAL_METRIC_KEYS), REFUSAL:
   ConfigRecord({REASON: str})}`` and no arrays (MetricRecords hold numbers only, so the reason travels apart).
 - evaluate reply: ``{METRICS: MetricRecord(NUM_EXAMPLES, EVAL_LOSS, metric names, confusion counts)}``.
+
+Distributed noise over secure aggregation (``common.distributed_dp``) runs on Flower's SecAgg+ protocol, whose
+messages use Flower's legacy layout (``fitins.*`` / ``fitres.*`` records plus SecAgg+'s own config record). The
+instruction's parameters are the global weights in ``weight-keys`` order (``SECURE_CONFIG``); a node's reply
+parameters are its noised clipped gradient sum in clip units, which the SecAgg+ mod masks and removes from the
+reply before it leaves the node; its metrics are ``SECURE_TRAIN_METRIC_KEYS`` (no train loss, and a weight of 1:
+the Poisson batch size must not leak).
 """
 
 from __future__ import annotations
@@ -27,13 +34,17 @@ REFUSAL = "refusal"  # ConfigRecord: why a node did not train
 # ---------------------------------------------------------------- per-round config (server -> node)
 SERVER_ROUND = "server-round"  # injected by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx
+WEIGHT_KEYS = "weight-keys"  # secure rounds: names of the legacy parameters list, in order (`join_keys`)
+SECURE_THRESHOLD = "secagg-threshold"  # secure rounds: SecAgg+ reconstruction threshold T (noise share sigma/sqrt(T))
 
 # ---------------------------------------------------------------- train reply metrics (node -> server)
 NUM_EXAMPLES = "num-examples"  # weight of the reply in averaging (Flower's default `weighted_by_key`)
 TRAIN_LOSS = "train-loss"
-EPSILON = "epsilon"  # the node's cumulative epsilon (all rounds, all runs) at DELTA
+EPSILON = "epsilon"  # the node's cumulative epsilon (all rounds, all runs) at DELTA, of the noise the coordinator sees
+EPSILON_OWN_NOISE = "epsilon-own-noise"  # the same for the node's own noise alone (equal with local noise)
 DELTA = "delta"
-NOISE_MULTIPLIER = "noise-multiplier"
+NOISE_MULTIPLIER = "noise-multiplier"  # the noise the node adds (its share, with distributed noise)
+AGGREGATE_NOISE_MULTIPLIER = "aggregate-noise-multiplier"  # noise in what the coordinator sees (at least)
 MAX_GRAD_NORM = "max-grad-norm"
 STEPS = "steps"  # cumulative DP-SGD steps recorded in the node's ledger
 DP_ENABLED = "dp-enabled"  # 1.0 / 0.0
@@ -51,6 +62,18 @@ EVAL_LOSS = "eval-loss"
 #: Confusion-matrix counts `cm_<true class>_<predicted class>` (as `common.metrics.scalar_metrics` writes them):
 #: counts are aggregate numbers, and summing them over hospitals gives the exact pooled confusion matrix.
 CONFUSION_PREFIX = "cm_"
+
+
+def join_keys(keys: list[str]) -> str:
+    """Weight names as one legacy config string (legacy configs hold scalars, not lists)."""
+    if any("," in key for key in keys):
+        raise ValueError("weight names must not contain ','")
+    return ",".join(keys)
+
+
+def split_keys(text: str) -> list[str]:
+    """The weight names `join_keys` wrote."""
+    return text.split(",") if text else []
 
 
 def confusion_key(true_index: int, predicted_index: int) -> str:
@@ -72,12 +95,17 @@ TRAIN_METRIC_KEYS: tuple[str, ...] = (
     NUM_EXAMPLES,
     TRAIN_LOSS,
     EPSILON,
+    EPSILON_OWN_NOISE,
     DELTA,
     NOISE_MULTIPLIER,
+    AGGREGATE_NOISE_MULTIPLIER,
     MAX_GRAD_NORM,
     STEPS,
     DP_ENABLED,
     REFUSED,
 )
+#: Keys every secure (distributed-noise) train reply carries: no train loss, NUM_EXAMPLES always 1.
+SECURE_TRAIN_METRIC_KEYS: tuple[str, ...] = tuple(k for k in TRAIN_METRIC_KEYS if k != TRAIN_LOSS)
 #: Keys every refusal reply carries.
-REFUSAL_METRIC_KEYS: tuple[str, ...] = (NUM_EXAMPLES, REFUSED, EPSILON, DELTA, MAX_EPSILON, STEPS)
+REFUSAL_METRIC_KEYS: tuple[str, ...] = (NUM_EXAMPLES, REFUSED, EPSILON, EPSILON_OWN_NOISE, DELTA, MAX_EPSILON,
+                                        STEPS)

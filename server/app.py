@@ -108,6 +108,9 @@ class RoundRecorder:
                         (("train", self.strategy.train_reports), ("evaluate", self.strategy.evaluate_reports))
                         if rnd in reports},
         }
+        secure = getattr(self.strategy, "secure_rounds", {}).get(rnd)
+        if secure is not None:
+            entry["secure_aggregation"] = secure
         federated = self.strategy.evaluate_metrics.get(rnd)
         if federated is not None:
             entry["federated_eval"] = eval_entry(federated)

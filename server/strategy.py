@@ -38,8 +38,10 @@ log = logging.getLogger(__name__)
 _OPTIONAL_TRAIN_KEYS = {wire.PARTITION_ID}
 _PRIVACY_FIELDS = {  # wire key -> privacy report field
     wire.EPSILON: "epsilon",
+    wire.EPSILON_OWN_NOISE: "epsilon_own_noise",
     wire.DELTA: "delta",
     wire.NOISE_MULTIPLIER: "noise_multiplier",
+    wire.AGGREGATE_NOISE_MULTIPLIER: "aggregate_noise_multiplier",
     wire.MAX_GRAD_NORM: "max_grad_norm",
     wire.STEPS: "steps",
     wire.MAX_EPSILON: "max_epsilon",
@@ -326,7 +328,8 @@ class MammoFedAdam(MammoStrategyMixin, FedAdam):
 
 
 def build_strategy(config: RunConfig, *, checkpoints: CheckpointStore | None = None) -> MammoStrategyMixin:
-    """The strategy named by run config `strategy`, sized by its min-* / fraction-* / timeout settings."""
+    """The strategy named by run config `strategy` (or, with distributed noise, FedSGD over secure aggregation:
+    ``server.secure_aggregation``), sized by its min-* / fraction-* / timeout settings."""
     common = dict(
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
@@ -342,6 +345,13 @@ def build_strategy(config: RunConfig, *, checkpoints: CheckpointStore | None = N
         node_wait_timeout=config.round_timeout,
         checkpoints=checkpoints,
     )
+    if config.distributed_dp:
+        from server.secure_aggregation import SecureFedSGD, SecureRoundSettings
+
+        settings = SecureRoundSettings(noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
+                                       learning_rate=config.lr, batch_size=config.batch_size,
+                                       dropouts=config.secagg_dropouts)
+        return SecureFedSGD(**common, secure=settings, round_timeout=config.round_timeout)
     if config.strategy == "fedavg":
         return MammoFedAvg(**common)
     if config.strategy == "fedprox":

@@ -53,8 +53,8 @@ def test_file_is_plain_json_and_no_temporary_left(tmp_path):
     path = tmp_path / "ledger.json"
     PrivacyLedger(path).record(delta=DELTA, server_round=3, **ROUND)
     data = json.loads(path.read_text())
-    assert data["version"] == 1 and data["mechanism"] == "rdp"
-    assert data["history"] == [[1.1, 0.125, 8]]
+    assert data["version"] == 2 and data["mechanism"] == "rdp"
+    assert data["history"] == data["aggregate-history"] == [[1.1, 0.125, 8]]
     assert data["entries"][0]["server_round"] == 3 and data["entries"][0]["steps"] == 8
     assert [p.name for p in tmp_path.iterdir()] == ["ledger.json"]
 
@@ -72,3 +72,39 @@ def test_other_mechanism_reads_same_history(tmp_path):
     prv = PrivacyLedger(path, mechanism="prv")
     assert prv.mechanism == "prv" and prv.history == [(1.1, 0.125, 8)]
     assert 0 < prv.epsilon(DELTA) < PrivacyLedger(path).epsilon(DELTA)
+
+
+def test_distributed_noise_records_both_epsilons_and_budget_uses_the_policy_basis(tmp_path):
+    """Distributed noise: the node's own share (sigma / sqrt(2)) and the noise in the secure sum (sigma) are
+    kept apart; each epsilon equals a fresh Opacus RDP accountant fed that history; the budget basis decides."""
+    path = tmp_path / "ledger.json"
+    share, total = 1.1 / 2 ** 0.5, 1.1
+    ledger = PrivacyLedger(path)
+    own = ledger.record(noise_multiplier=share, aggregate_noise_multiplier=total, sample_rate=1 / 8, steps=8,
+                        delta=DELTA, server_round=1)
+    reread = PrivacyLedger(path)
+    assert reread.history == [(share, 1 / 8, 8)] and reread.aggregate_history == [(total, 1 / 8, 8)]
+    for history, value in (([(share, 1 / 8, 8)], own), ([(total, 1 / 8, 8)], reread.epsilon(DELTA, aggregate=True))):
+        fresh = RDPAccountant()
+        fresh.history = history
+        assert value == fresh.get_epsilon(delta=DELTA)
+    assert round(reread.epsilon(DELTA, aggregate=True), 2) == 3.15 < own == reread.epsilon(DELTA)
+    entry = json.loads(path.read_text())["entries"][0]
+    assert (entry["noise_multiplier"], entry["aggregate_noise_multiplier"]) == (share, total)
+    assert entry["epsilon_aggregate"] == reread.epsilon(DELTA, aggregate=True) and entry["epsilon"] == own
+    spend = dict(noise_multiplier=share, aggregate_noise_multiplier=total, sample_rate=1 / 8, steps=8, delta=DELTA,
+                 max_epsilon=4.0)
+    conservative = reread.check_budget(**spend)
+    trusting = reread.check_budget(**spend, on_aggregate=True)
+    assert not conservative.allowed and "of this node's own noise" in conservative.reason
+    assert trusting.allowed and round(trusting.epsilon_after, 2) == 3.91
+    with pytest.raises(ValueError, match="below the node's own"):
+        reread.record(noise_multiplier=2.0, aggregate_noise_multiplier=1.0, sample_rate=1 / 8, steps=1, delta=DELTA)
+
+
+def test_version_1_ledger_reads_its_history_as_both(tmp_path):
+    path = tmp_path / "ledger.json"
+    path.write_text(json.dumps({"version": 1, "mechanism": "rdp", "history": [[1.1, 0.125, 16]], "entries": []}))
+    ledger = PrivacyLedger(path)
+    assert ledger.history == ledger.aggregate_history == [(1.1, 0.125, 16)]
+    assert ledger.epsilon(DELTA) == ledger.epsilon(DELTA, aggregate=True)

@@ -62,7 +62,10 @@ def _serverapp_identity(monkeypatch):
 
 
 def _config(**overrides) -> RunConfig:
-    base = {"min-nodes": 3, "min-train-replies": 2, "min-evaluate-replies": 1, "round-timeout": 2.0}
+    """Local noise (each hospital's update in clear): the strategies under test here; secure rounds are
+    tested in test_secure_aggregation.py."""
+    base = {"min-nodes": 3, "min-train-replies": 2, "min-evaluate-replies": 1, "round-timeout": 2.0,
+            "dp-mode": "local"}
     base.update(overrides)
     return RunConfig.from_flower(base)
 
@@ -76,8 +79,9 @@ def _instructions(strategy, rnd=1, nodes=(11, 12, 13)):
 
 
 def _train_reply(instruction, *, w, b, n, loss=0.5, eps=1.0, steps=4, partition=None):
-    metrics = {wire.NUM_EXAMPLES: n, wire.TRAIN_LOSS: loss, wire.EPSILON: eps, wire.DELTA: 1e-5,
-               wire.NOISE_MULTIPLIER: 1.1, wire.MAX_GRAD_NORM: 1.0, wire.STEPS: steps, wire.DP_ENABLED: 1.0,
+    metrics = {wire.NUM_EXAMPLES: n, wire.TRAIN_LOSS: loss, wire.EPSILON: eps, wire.EPSILON_OWN_NOISE: eps,
+               wire.DELTA: 1e-5, wire.NOISE_MULTIPLIER: 1.1, wire.AGGREGATE_NOISE_MULTIPLIER: 1.1,
+               wire.MAX_GRAD_NORM: 1.0, wire.STEPS: steps, wire.DP_ENABLED: 1.0,
                wire.REFUSED: 0.0}
     if partition is not None:
         metrics[wire.PARTITION_ID] = partition
