@@ -26,9 +26,10 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
@@ -37,16 +38,19 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Stage
 
-from client.node import (SecureRoundTerms, TrainResult, evaluate_round, local_train_config, train_round,
-                         train_secure_round)
-from client.training import EvalOutcome
 from common import wire
 from common.distributed_dp import SecureSumRange
-from common.metrics import scalar_metrics
 from common.run_config import ConfigError, NodeConfig, RunConfig
 
-__all__ = ["NodeFailure", "NodeRefusal", "app", "evaluation_reply_metrics", "local_train_config",
-           "make_client_app", "secure_aggregation_mod", "train_reply_metrics"]
+if TYPE_CHECKING:
+    from client.node import TrainResult
+    from client.training import EvalOutcome
+
+__all__ = ["NodeFailure", "NodeRefusal", "app", "evaluation_reply_metrics", "make_client_app",
+           "secure_aggregation_mod", "train_reply_metrics"]
+
+# torch, Opacus and the training code are imported inside the handlers: in a deployment every message starts a
+# fresh ClientApp process, and the SecAgg+ key exchanges (answered by the mod alone) need none of them.
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,10 @@ def make_client_app(*, overrides: Mapping[str, Any] | None = None,
     @client_app.train()
     @_confined("training")
     def train(msg: Message, context: Context) -> Message:
+        import torch
+
+        from client.node import train_round
+
         torch.set_num_threads(1)
         run, node = configs(context)
         state = context.state.config_records.get(_STATE) or ConfigRecord({_TRAINED: []})
@@ -123,6 +131,10 @@ def make_client_app(*, overrides: Mapping[str, Any] | None = None,
     @client_app.evaluate()
     @_confined("evaluation")
     def evaluate(msg: Message, context: Context) -> Message:
+        import torch
+
+        from client.node import evaluate_round
+
         torch.set_num_threads(1)
         run, node = configs(context)
         outcome = evaluate_round(run=run, node=node, global_weights=_weights(msg),
@@ -137,6 +149,8 @@ _LEGACY_FITINS = "fitins.parameters"  # a legacy (SecAgg+) training instruction'
 
 def _secure_train(msg: Message, context: Context, run: RunConfig, node: NodeConfig, state: ConfigRecord) -> Message:
     """The SecAgg+ masked-vector stage's call: train one step with this node's noise share, reply legacy fitres."""
+    from client.node import SecureRoundTerms, train_secure_round
+
     protocol = context.state.config_records.get(RECORD_KEY_STATE)
     if RECORD_KEY_CONFIGS not in msg.content.config_records or protocol is None:
         raise NodeRefusal("refused: a training instruction for a secure sum arrived without secure aggregation "
@@ -196,6 +210,8 @@ def train_reply_metrics(result: TrainResult, node: NodeConfig) -> MetricRecord:
 
 def evaluation_reply_metrics(outcome: EvalOutcome) -> MetricRecord:
     """The numbers an evaluate reply carries: example count, loss, defined metrics, confusion counts."""
+    from common.metrics import scalar_metrics
+
     metrics: dict[str, float | int] = {wire.NUM_EXAMPLES: int(outcome.num_examples)}
     if math.isfinite(outcome.loss):
         metrics[wire.EVAL_LOSS] = float(outcome.loss)

@@ -139,6 +139,13 @@ def train_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str, n
                        epsilon_own_noise=epsilon, aggregate_noise_multiplier=run.noise_multiplier, **base)
 
 
+def secure_train_config(run: RunConfig, *, server_round: int, threshold: int) -> LocalTrainConfig:
+    """A secure round's local training: one DP-SGD step (FedSGD) with this node's noise share sigma / sqrt(T)."""
+    local = local_train_config(run, server_round=server_round)
+    share = share_noise_multiplier(run.noise_multiplier, threshold)
+    return replace(local, epochs=1, max_steps=1, dp=replace(local.dp, noise_multiplier=share))
+
+
 @dataclass(frozen=True)
 class SecureRoundTerms:
     """What the SecAgg+ protocol itself told the node about this round (not the coordinator's say-so)."""
@@ -192,8 +199,7 @@ def train_secure_round(*, run: RunConfig, node: NodeConfig, global_weights: dict
     if problem:
         return refuse(f"refused: {problem}")
     data = hospital_data(node, run)
-    config = replace(local_train_config(run, server_round=server_round), epochs=1, max_steps=1,
-                     dp=replace(local_train_config(run, server_round=server_round).dp, noise_multiplier=share))
+    config = secure_train_config(run, server_round=server_round, threshold=terms.threshold)
     plan = plan_dp_round(len(data.train), config=config)
     decision = ledger.check_budget(noise_multiplier=share, aggregate_noise_multiplier=aggregate_noise,
                                    sample_rate=plan.sample_rate, steps=plan.steps, delta=run.delta,

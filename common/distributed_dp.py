@@ -26,8 +26,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from scipy.stats import norm, poisson
-
 #: SecAgg+ masks are drawn in [0, MODULUS_RANGE); Flower's masks are at most 2**32.
 MODULUS_RANGE = 2**32
 DEFAULT_TAIL_PROBABILITY = 1e-9
@@ -83,6 +81,8 @@ def value_bound(*, batch_size: int, share: float, parameters: int,
     Half of the tail goes to the Poisson sample size (expected `batch_size`; a hospital's expected batch is at most
     that), half to the largest |noise| over `parameters` coordinates (union bound).
     """
+    from scipy.stats import norm, poisson  # here: a ClientApp process answering SecAgg+ key exchanges needs none
+
     if batch_size < 1 or parameters < 1 or not 0 < tail_probability < 1:
         raise SecureSumError("need batch_size >= 1, parameters >= 1 and 0 < tail_probability < 1")
     batch_cap = float(poisson.isf(tail_probability / 2, batch_size))

@@ -171,8 +171,11 @@ class SecureFedSGD(MammoStrategyMixin, FedAvg):
             problem = _check_secure_metrics(fitres)
             if problem:  # already inside the sum: it cannot be taken out, only reported
                 report.notes.append(f"{hospital}: malformed secure reply (in the sum): {problem}")
-        for reason in outcome.failures:
-            report.count("refused" if "refused:" in reason else "failed", "a hospital", reason)
+        contributed = {node_id for node_id, _ in outcome.contributions}
+        absent = [f"node-{node_id}" for node_id in outcome.participants if node_id not in contributed]
+        for reason in outcome.failures:  # error replies carry no node id: name the absentee when there is one
+            who = absent[0] if len(absent) == 1 else "one of " + ", ".join(absent)
+            report.count("refused" if "refused:" in reason else "failed", who, reason)
         contributors = len(outcome.contributions)
         if not outcome.revealed or contributors < max(self.min_train_replies, outcome.threshold):
             raise TooFewReplies(

@@ -187,9 +187,12 @@ def print_result(result, console: Console) -> None:
     console.print(f"metrics:       {result.metrics_path}", highlight=False, soft_wrap=True)
     for bundle in result.bundles:
         console.print(f"model bundle:  {bundle}", highlight=False, soft_wrap=True)
+    epsilon = f"epsilon max: {_number(result.epsilon_max, 2)}"
+    own = result.epsilon_own_noise_max
+    if own is not None and result.epsilon_max is not None and own > result.epsilon_max:
+        epsilon += f" (of the secure sum; each hospital's own noise alone: {own:.2f})"
     console.print(f"AUC malignant ({final.get('source', '?')}): {_number(final.get('auc_malignant'))}   "
-                  f"accuracy: {_number(final.get('accuracy'))}   epsilon max: {_number(result.epsilon_max, 2)}",
-                  highlight=False)
+                  f"accuracy: {_number(final.get('accuracy'))}   {epsilon}", highlight=False)
 
 
 def _number(value, digits: int = 3) -> str:

@@ -115,7 +115,16 @@ class SimulationResult:
 
     @property
     def epsilon_max(self) -> float | None:
-        values = [p.get("epsilon") for p in (self.document.get("privacy") or {}).values()]
+        """Largest hospital epsilon of the noise the coordinator saw (the secure sum's, with distributed noise)."""
+        return self._privacy_max("epsilon")
+
+    @property
+    def epsilon_own_noise_max(self) -> float | None:
+        """Largest hospital epsilon of its own noise alone (what it spent if secure aggregation failed)."""
+        return self._privacy_max("epsilon_own_noise")
+
+    def _privacy_max(self, key: str) -> float | None:
+        values = [p.get(key) for p in (self.document.get("privacy") or {}).values()]
         values = [v for v in values if isinstance(v, (int, float))]
         return max(values) if values else None
 

@@ -6,21 +6,26 @@ hospital folder (a few mini-MIAS images with a CSV manifest, as a hospital would
 runs one federated round of the real apps and the run directory the ServerApp wrote is checked. A SuperNode whose
 key was never registered must be refused.
 
-A killed node must not fail the federation: once the third hospital's `flwr-clientapp` has started on its training
-message, that SuperNode and its children are killed with SIGKILL (a hospital machine losing power). The SuperLink
-declares it offline when its heartbeats stop (at most 2 x 30 s after the last one, sent every ~24 s) and answers
-its message with a "node unavailable" error reply; the run config asks for 2 nodes and 2 replies per step and
-gives each step `ROUND_TIMEOUT`, more than that, so the round completes from the two survivors, the failure
-counted, and the run ends `finished:completed`.
+The round uses distributed noise over secure aggregation (Flower's SecAgg+: setup, key sharing, masked vectors,
+unmasking; each a message to every node): each hospital adds its share sigma / sqrt(2) of the noise (threshold
+T = 3 - 1 dropout) and only the sum reaches the coordinator. A killed node must not fail the federation: once the
+third hospital's `flwr-clientapp` has started on its training message (its third SecAgg+ message, after its keys
+were shared), that SuperNode and its children are killed with SIGKILL (a hospital machine losing power). The
+SuperLink declares it offline when its heartbeats stop (at most 2 x 30 s after the last one, sent every ~24 s) and
+answers its message with a "node unavailable" error reply; the survivors' shares of the dead node's secret key let
+the coordinator remove its masks, the run config asks for 2 nodes and 2 replies per step and gives each step
+`ROUND_TIMEOUT`, more than that, so the round completes from the two survivors with the noise of their two shares
+(sigma) in the sum, the failure counted, and the run ends `finished:completed`.
 
 Every process gets its own FLWR_HOME and a marker variable in its environment; teardown stops the processes it
 started (SIGTERM to the process group, SIGKILL after a timeout) and then finds, by that marker, anything they left
 behind (Flower starts SuperExec and app processes detached) and stops it too, then checks that nothing is left.
 Waits poll for a condition and are all bounded.
 
-Cost: about 3 minutes on 2 shared cores, mostly Flower's: each message starts a fresh `flwr-clientapp` process
-that imports torch and Opacus, SuperNodes and the ServerApp poll for messages every 3 s, and the training step
-lasts until the killed node's heartbeat expires (36 to 60 s after the kill). The log line "deployment test
+Cost: about 4 minutes on 2 shared cores, mostly Flower's: each message starts a fresh `flwr-clientapp` process
+(the SecAgg+ key exchanges import no torch; training and evaluation do), SuperNodes and the ServerApp poll for
+messages every 3 s, and the training stage lasts until the killed node's heartbeat expires (36 to 60 s after the
+kill). The log line "deployment test
 timings" (INFO) gives the phases.
 """
 
@@ -61,12 +66,14 @@ CONNECTION = "mammofl-test"
 REGISTER_SCRIPT = REPO / "deploy" / "register-nodes.sh"
 
 # The federation: the `smoke` preset's run config (one round, small CNN on 64-px images, DP on) without its
-# simulation-only keys; three hospitals, the last one killed during training; the two survivors must reply.
+# simulation-only keys, distributed noise over SecAgg+; three hospitals, the last one killed during training; the
+# two survivors must reply.
 PATIENTS_PER_CLASS = 2  # per hospital: 2 patients with a malignant image, 2 with benign, 2 normal-only
 MAX_EPSILON = {"hospital-a": 50.0, "hospital-b": 60.0, "hospital-c": 70.0}  # node config (budgets not reached)
 NUM_HOSPITALS = len(MAX_EPSILON)
 KILLED = "hospital-c"
 SURVIVORS = NUM_HOSPITALS - 1
+KILLED_AT_MESSAGE = 3  # SecAgg+ setup, key sharing, then the masked-vector stage: training
 # Per train/evaluate step. The killed node's error reply comes at most ~63 s after the kill (heartbeat patience
 # 2 x 30 s, plus the ServerApp's 3 s polling), the survivors' replies before it; the step ends when the last of
 # them is in, so the timeout costs nothing unless something hangs. Shorter than that detection, the killed node
@@ -82,7 +89,8 @@ def deployment_run_config(run_dir: Path) -> dict[str, Any]:
     """The run config passed with `flwr run --run-config`: the survivors alone are enough for every step."""
     smoke = {k: v for k, v in PRESETS["smoke"].overrides.items() if not k.startswith("sim-")}
     return {**smoke, "min-nodes": SURVIVORS, "min-train-replies": SURVIVORS, "min-evaluate-replies": SURVIVORS,
-            "round-timeout": ROUND_TIMEOUT, "run-dir": str(run_dir)}
+            "round-timeout": ROUND_TIMEOUT, "run-dir": str(run_dir), "dp-mode": "distributed",
+            "secagg-dropouts": 1}
 
 
 # ---------------------------------------------------------------- processes
@@ -312,17 +320,21 @@ class Federation:
         """FLWR_HOME of a started process: what its children inherit, so it tells whose they are."""
         return self.root / "homes" / name
 
-    def power_off(self, node: Started, *, during: Started, timeout: float) -> float:
-        """Wait (bounded, and only while `during` runs) for `node`'s first `flwr-clientapp` (a run's first message
-        to a node is a training message), then SIGKILL the SuperNode's process group: the SuperNode, its SuperExec
-        and that ClientApp. Returns the time of the kill (time.monotonic)."""
+    def power_off(self, node: Started, *, during: Started, timeout: float, nth: int = 1) -> float:
+        """Wait (bounded, and only while `during` runs) for `node`'s `nth` `flwr-clientapp` (one per message), then
+        SIGKILL the SuperNode's process group: the SuperNode, its SuperExec and that ClientApp. Returns the time
+        of the kill (time.monotonic)."""
         home = self.home(node.name)
-        app = _wait_until(lambda: during.popen.poll() is not None
-                          or [p for p in self.procs.marked(home) if _runs_command(p, "flwr-clientapp")],
-                          timeout, interval=0.2)
+        seen: set[int] = set()
+
+        def nth_started() -> bool:
+            seen.update(p for p in self.procs.marked(home) if _runs_command(p, "flwr-clientapp"))
+            return during.popen.poll() is not None or len(seen) >= nth
+
+        app = _wait_until(nth_started, timeout, interval=0.1)
         assert app and during.popen.poll() is None, (
-            f"{node.name} started no flwr-clientapp within {timeout:.0f} s while {during.name} ran:\n"
-            f"{node.tail()}\n--- {during.name}:\n{during.tail()}")
+            f"{node.name} started {len(seen)} of {nth} flwr-clientapp processes within {timeout:.0f} s while "
+            f"{during.name} ran:\n{node.tail()}\n--- {during.name}:\n{during.tail()}")
         _killpg(node.popen.pid, signal.SIGKILL)
         killed_at = time.monotonic()
         assert node.popen.wait(timeout=STOP_TIMEOUT) == -signal.SIGKILL
@@ -443,9 +455,10 @@ def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federati
     flwr_run = fed.procs.start(
         "flwr-run", [str(BIN / "flwr"), "run", str(REPO), CONNECTION, "--stream", "--run-config",
                      _run_config(config)], home=fed.cli_home, cwd=tmp_path)
-    killed_at = fed.power_off(supernodes[KILLED], during=flwr_run, timeout=START_TIMEOUT * 2)
-    killed_log = supernodes[KILLED].output()  # it died holding its training message, before any reply
-    assert "Receiving: train message" in killed_log and "Sending:" not in killed_log, killed_log
+    killed_at = fed.power_off(supernodes[KILLED], during=flwr_run, timeout=START_TIMEOUT * 4, nth=KILLED_AT_MESSAGE)
+    killed_log = supernodes[KILLED].output()  # it died holding its training message, its keys already shared
+    assert killed_log.count("Receiving: train message") == KILLED_AT_MESSAGE, killed_log
+    assert killed_log.count("Sending:") == KILLED_AT_MESSAGE - 1, killed_log
     killed_id = int(re.search(r"SuperNode ID: (\d+)", killed_log).group(1))
     assert killed_id in node_ids
     lap(f"{KILLED}'s flwr-clientapp started, node killed")
@@ -471,7 +484,12 @@ def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federati
     train = round_1["replies"]["train"]
     assert (train["sampled"], train["valid"], train["failed"], train["missing"]) == (NUM_HOSPITALS, SURVIVORS, 1, 0)
     assert len(train["notes"]) == 1, train  # the failure is named after the killed node, not the SuperLink
-    assert train["notes"][0].startswith(f"node-{killed_id}: failed: Error: Node Unavailable"), train
+    assert train["notes"][0].startswith(f"node-{killed_id}: failed:"), train
+    assert "Node Unavailable" in train["notes"][0], train
+    secure = round_1["secure_aggregation"]  # only the sum of the two survivors' shares was revealed
+    share = config["noise-multiplier"] / 2 ** 0.5
+    assert (secure["participants"], secure["contributors"], secure["threshold"]) == (NUM_HOSPITALS, SURVIVORS, 2)
+    assert secure["noise_multiplier_of_sum"] == pytest.approx(config["noise-multiplier"])
     evaluate = round_1["replies"]["evaluate"]  # the dead node is no longer sampled
     assert (evaluate["sampled"], evaluate["valid"], evaluate["failed"]) == (SURVIVORS, SURVIVORS, 0), evaluate
     assert round_1["federated_eval"]["num_examples"] > 0
@@ -480,13 +498,15 @@ def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federati
     assert sorted(privacy) == sorted(f"node-{node_id}" for node_id in survivor_ids)
     assert max(entry["epsilon"] for entry in privacy.values()) == pytest.approx(round_1["epsilon_max"])
     for entry in privacy.values():
-        assert entry["noise_multiplier"] == config["noise-multiplier"]
-        assert entry["steps"] > 0
+        assert entry["noise_multiplier"] == pytest.approx(share)
+        assert entry["aggregate_noise_multiplier"] == pytest.approx(config["noise-multiplier"])
+        assert entry["epsilon"] < entry["epsilon_own_noise"]
+        assert entry["steps"] == 1  # FedSGD: one DP-SGD step per round
         assert entry["accountant"] == "rdp"
     assert metrics["config"]["num-server-rounds"] == 1
     assert metrics["config"]["model"] == config["model"]
     assert (run_dir / "model.mammofl").is_file()
-    epsilons = sorted(entry["epsilon"] for entry in privacy.values())
+    epsilons = sorted((entry["epsilon"], entry["epsilon_own_noise"]) for entry in privacy.values())
     ledger_epsilons = []
     for name in names:  # each survivor recorded the round in the ledger on its own disk (node config state-dir)
         ledger_path = tmp_path / "state" / name / "privacy-ledger.json"
@@ -495,8 +515,11 @@ def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federati
             continue
         ledger = json.loads(ledger_path.read_text())
         assert [(e["run_id"], e["server_round"]) for e in ledger["entries"]] == [(runs[0]["run-id"], 1)]
-        ledger_epsilons.append(ledger["entries"][0]["epsilon"])
-    assert sorted(ledger_epsilons) == pytest.approx(epsilons)
+        entry = ledger["entries"][0]
+        assert (entry["noise_multiplier"], entry["aggregate_noise_multiplier"]) == pytest.approx(
+            (share, config["noise-multiplier"]))
+        ledger_epsilons.append((entry["epsilon_aggregate"], entry["epsilon"]))
+    assert [e for pair in sorted(ledger_epsilons) for e in pair] == pytest.approx([e for pair in epsilons for e in pair])
 
     # Registering again (e.g. `docker compose up` after a restart) is harmless.
     rc, out = fed.register_all(tmp_path / "node-keys")
