@@ -122,7 +122,8 @@ def train_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str, n
     if run.dp:
         plan = plan_dp_round(len(data.train), config=config)
         decision = ledger.check_budget(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                                       steps=plan.steps, delta=run.delta, max_epsilon=node.max_epsilon)
+                                       steps=plan.steps, delta=run.delta, max_epsilon=node.max_epsilon,
+                                       on_aggregate=node.budget_on_aggregate)
         if not decision.allowed:
             return refuse(decision.reason)
     model = build_model(run.model_config())
@@ -130,13 +131,14 @@ def train_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str, n
     outcome = train_local(model, data.train, config=config, accountant_state=ledger.accountant_state(),
                           device=default_device())
     if run.dp:
-        epsilon = ledger.record(noise_multiplier=outcome.noise_multiplier, sample_rate=outcome.sample_rate,
-                                steps=outcome.steps, delta=run.delta, run_id=run_id, server_round=server_round)
+        own = ledger.record(noise_multiplier=outcome.noise_multiplier, sample_rate=outcome.sample_rate,
+                            steps=outcome.steps, delta=run.delta, run_id=run_id, server_round=server_round)
+        epsilon = ledger.epsilon(run.delta, aggregate=True)  # differs from `own` after distributed rounds
     else:
-        epsilon = math.inf
+        own = epsilon = math.inf
     return TrainResult(weights=exchanged_weights(model), num_examples=outcome.num_examples,
                        train_loss=outcome.train_loss, epsilon=epsilon, steps=ledger.total_steps,
-                       epsilon_own_noise=epsilon, aggregate_noise_multiplier=run.noise_multiplier, **base)
+                       epsilon_own_noise=own, aggregate_noise_multiplier=run.noise_multiplier, **base)
 
 
 def secure_train_config(run: RunConfig, *, server_round: int, threshold: int) -> LocalTrainConfig:

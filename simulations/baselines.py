@@ -3,7 +3,9 @@
 Plain training over the project's own functions (``client.hospital_data`` for the data, ``client.training`` for
 (DP-)SGD and evaluation, ``server.run_directory`` for the output): no second training loop. One baseline "round"
 is what a hospital does in one federated round (``local-epochs`` epochs with the round's training config), so
-``num-server-rounds`` rounds give every example as many passes as in the federation. Validation is scored per
+``num-server-rounds`` rounds give every example as many passes as in the federation. Under distributed noise a
+federated round is one DP-SGD step of all sampled hospitals' batches with noise sigma in the sum, so a baseline
+round is one step of ``sites`` x ``batch-size`` expected examples with noise sigma (:func:`baseline_round_config`). Validation is scored per
 hospital and aggregated exactly as the coordinator aggregates federated evaluation; the held-out test set is
 scored directly.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -21,7 +24,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from client.hospital_data import HospitalData, load_hospital
 from client.node import local_train_config
-from client.training import evaluate_local, train_local
+from client.training import LocalTrainConfig, evaluate_local, train_local
 from common.bundle import BundleMeta, save_bundle
 from common.device import default_device
 from common.models import build_model
@@ -75,10 +78,19 @@ def validation_entry(model: torch.nn.Module, vals: Sequence[Dataset]) -> dict | 
     return eval_entry(aggregate_evaluation(records))
 
 
+def baseline_round_config(run: RunConfig, *, server_round: int, sites: int) -> LocalTrainConfig:
+    """One baseline round on data pooled from `sites` hospitals: what one federated round does (see module doc)."""
+    config = local_train_config(run, server_round=server_round)
+    if run.distributed_dp:
+        return replace(config, epochs=1, max_steps=1, batch_size=run.batch_size * sites)
+    return config
+
+
 def train_baseline(run_dir: RunDirectory, run: RunConfig, *, train: Dataset, vals: Sequence[Dataset],
-                   test: Dataset, privacy_name: str, info: dict[str, Any],
+                   test: Dataset, privacy_name: str, info: dict[str, Any], sites: int = 1,
                    on_round: Callable[[dict], None] | None = None) -> dict:
-    """Train `run.num_server_rounds` rounds on `train`, recording each round in `run_dir`; returns final metrics."""
+    """Train `run.num_server_rounds` rounds on `train` (pooled from `sites` hospitals), recording each round in
+    `run_dir`; returns final metrics."""
     torch.manual_seed(run.seed)
     model = build_model(run.model_config())
     accountant_state = None
@@ -86,7 +98,7 @@ def train_baseline(run_dir: RunDirectory, run: RunConfig, *, train: Dataset, val
     privacy: dict[str, Any] = {}
     final: dict = {}
     for rnd in range(1, run.num_server_rounds + 1):
-        outcome = train_local(model, train, config=local_train_config(run, server_round=rnd),
+        outcome = train_local(model, train, config=baseline_round_config(run, server_round=rnd, sites=sites),
                               accountant_state=accountant_state, device=default_device())
         accountant_state = outcome.accountant_state
         steps += outcome.steps

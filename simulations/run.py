@@ -202,7 +202,7 @@ def run_centralised(request: SimulationRequest) -> SimulationResult:
     test = held_out_test(run)
     run_dir = _create(request.run_dir, request)
     train_baseline(run_dir, run, train=pooled([h.train for h in hospitals]), vals=[h.val for h in hospitals],
-                   test=test, privacy_name="pooled", info={"mode": "centralised"})
+                   test=test, privacy_name="pooled", info={"mode": "centralised"}, sites=len(hospitals))
     document = check_run_directory(request.run_dir, rounds=run.num_server_rounds, hospitals=None, dp=run.dp)
     return SimulationResult("centralised", request.run_dir, document, (request.run_dir / BUNDLE_FILE,),
                             time.monotonic() - started)
