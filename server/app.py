@@ -122,7 +122,11 @@ class RoundRecorder:
             self.last_central = {**central, "round": rnd}
         self.run.record_round(entry)
         self.run.set_privacy({h: {**p, "accountant": self.accountant} for h, p in self.strategy.privacy.items()})
-        log.info("round %d: train loss %s, epsilon max %s", rnd, entry["train_loss"], entry["epsilon_max"])
+        if secure is not None:  # no per-hospital loss leaves a node under distributed noise
+            log.info("round %d: secure sum of %d hospitals (noise multiplier %.3g), epsilon max %s", rnd,
+                     secure["contributors"], secure["noise_multiplier_of_sum"], entry["epsilon_max"])
+        else:
+            log.info("round %d: train loss %s, epsilon max %s", rnd, entry["train_loss"], entry["epsilon_max"])
         if central is None:
             return None
         return MetricRecord({k: float(v) for k, v in central.items()

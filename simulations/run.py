@@ -286,8 +286,9 @@ def check_run_directory(run_dir: Path, *, rounds: int, hospitals: int | None, dp
     if numbers != list(range(1, rounds + 1)):
         problems.append(f"rounds recorded {numbers}, expected 1..{rounds}")
     for entry in document.get("rounds") or []:
-        if entry.get("train_loss") is None:
-            problems.append(f"round {entry.get('round')} has no train loss (no hospital trained)")
+        secure = entry.get("secure_aggregation")  # distributed noise: no loss leaves a node, the sum counts
+        if (secure or {}).get("contributors", 1) < 1 or (secure is None and entry.get("train_loss") is None):
+            problems.append(f"round {entry.get('round')} has no train loss or secure sum (no hospital trained)")
             break
     final = document.get("final") or {}
     missing = [k for k in ("auc_malignant", "accuracy", "confusion_matrix") if k not in final]
