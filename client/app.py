@@ -24,9 +24,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
@@ -39,7 +37,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Stage
 
 from common import wire
-from common.distributed_dp import SecureSumRange
+from common.distributed_dp import SecureSumError, SecureSumRange
 from common.run_config import ConfigError, NodeConfig, RunConfig
 
 if TYPE_CHECKING:
@@ -165,11 +163,14 @@ def _secure_train(msg: Message, context: Context, run: RunConfig, node: NodeConf
     if len(keys) != len(arrays):
         raise ValueError(f"{len(arrays)} weight arrays but {len(keys)} names in '{wire.WEIGHT_KEYS}'")
     server_round = int(fitins.config[wire.SERVER_ROUND])
-    terms = SecureRoundTerms(
-        participants=int(secagg.sample_num), threshold=int(secagg.threshold), max_weight=float(secagg.max_weight),
-        sum_range=SecureSumRange(clipping_range=float(secagg.clipping_range),
-                                 quantization_range=int(secagg.target_range), modulus_range=int(secagg.mod_range),
-                                 participants=int(secagg.sample_num)))
+    try:
+        sum_range = SecureSumRange(clipping_range=float(secagg.clipping_range),
+                                   quantization_range=int(secagg.target_range), modulus_range=int(secagg.mod_range),
+                                   participants=int(secagg.sample_num))
+    except SecureSumError as error:  # the announced ranges would let the sum wrap around
+        raise NodeRefusal(f"refused: {error}") from None
+    terms = SecureRoundTerms(participants=int(secagg.sample_num), threshold=int(secagg.threshold),
+                             max_weight=float(secagg.max_weight), sum_range=sum_range)
     result = train_secure_round(run=run, node=node, global_weights=dict(zip(keys, arrays)),
                                 server_round=server_round, terms=terms, trained_rounds=frozenset(state[_TRAINED]),
                                 run_id=str(context.run_id))

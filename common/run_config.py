@@ -219,7 +219,8 @@ class NodeConfig:
     the budget on the epsilon of the secure sum, trusting secure aggregation; default false: on the node's own
     noise) and ``secagg-max-dropouts`` (join a secure sum only if it cannot be revealed with more dropouts than
     this; default 1). A simulated hospital takes these two from run config ``sim-budget-on-aggregate`` and
-    ``secagg-dropouts`` unless its node config sets them. In simulation Flower adds ``partition-id`` and ``num-partitions``; the data
+    ``secagg-dropouts`` unless its node config sets them. In simulation Flower adds ``partition-id`` and
+    ``num-partitions``; the data
     is then run config ``sim-data-dir`` cut by patient, and the state lives under ``sim-state-dir``.
     """
 

@@ -106,3 +106,30 @@ def test_run_config_choices_match_the_models():
 
     assert run_config.MODEL_KINDS == MODEL_KINDS
     assert set(run_config.POOLINGS) == set(POOLINGS)
+
+
+def test_distributed_noise_mode_and_the_node_s_policy_for_it(tmp_path):
+    assert RunConfig.from_flower({"min-nodes": 3, "min-train-replies": 3}).distributed_dp  # auto, 3 hospitals
+    assert not RunConfig.from_flower({"min-nodes": 2}).distributed_dp
+    assert not RunConfig.from_flower({"min-nodes": 3, "strategy": "fedprox"}).distributed_dp  # auto stays local
+    assert not RunConfig.from_flower({"dp-mode": "distributed", "dp": False}).distributed_dp
+    assert RunConfig.from_flower({"dp-mode": "distributed", "min-nodes": 2}).distributed_dp
+    with pytest.raises(ConfigError, match="'strategy' fedadam is not available"):
+        RunConfig.from_flower({"dp-mode": "distributed", "strategy": "fedadam"})
+    with pytest.raises(ConfigError, match="'dp-mode': must be one of auto, local, distributed"):
+        RunConfig.from_flower({"dp-mode": "shared"})
+    run = RunConfig.from_flower({"sim-budget-on-aggregate": True, "secagg-dropouts": 2})
+    deployed = NodeConfig.from_flower({"data-dir": str(tmp_path), "state-dir": str(tmp_path)}, run=run)
+    assert (deployed.budget_on_aggregate, deployed.secagg_max_dropouts) == (False, 1)  # the node's own defaults
+    simulated = NodeConfig.from_flower({"partition-id": 0, "num-partitions": 3, "data-dir": str(tmp_path),
+                                        "state-dir": str(tmp_path)}, run=run)
+    assert (simulated.budget_on_aggregate, simulated.secagg_max_dropouts) == (True, 2)
+    opted = NodeConfig.from_flower({"data-dir": str(tmp_path), "state-dir": str(tmp_path),
+                                    "budget-on-aggregate": True, "secagg-max-dropouts": 0}, run=run)
+    assert (opted.budget_on_aggregate, opted.secagg_max_dropouts) == (True, 0)
+    with pytest.raises(ConfigError, match="node config 'budget-on-aggregate': expected true or false"):
+        NodeConfig.from_flower({"data-dir": str(tmp_path), "state-dir": str(tmp_path), "budget-on-aggregate": 1},
+                               run=run)
+    with pytest.raises(ConfigError, match="node config 'secagg-max-dropouts' must be >= 0"):
+        NodeConfig.from_flower({"data-dir": str(tmp_path), "state-dir": str(tmp_path), "secagg-max-dropouts": -1},
+                               run=run)
