@@ -77,6 +77,7 @@ def local_train_config(run: RunConfig, *, server_round: int, proximal_mu: float 
         batch_size=run.batch_size,
         learning_rate=run.lr,
         proximal_mu=proximal_mu,
+        cell_loss_weight=run.cell_loss_weight,
         seed=None if run.dp else run.seed * 1000 + server_round,
         dp=DPConfig(enabled=run.dp, noise_multiplier=run.noise_multiplier, max_grad_norm=run.max_grad_norm,
                     delta=run.delta, accountant=run.accountant),

@@ -76,6 +76,8 @@ class RunConfig:
     head_hidden: int = _opt(0, "cell head hidden channels (0 = linear head)", low=0)
     local_epochs: int = _opt(1, "local epochs per round", low=1)
     lr: float = _opt(0.05, "local SGD learning rate", low=0.0, low_open=True)
+    cell_loss_weight: float = _opt(10.0, "weight of the per-cell lesion term of the loss (0 = image labels only)",
+                                   low=0.0)
     batch_size: int = _opt(16, "expected batch size (Poisson sample rate = batch-size / train images)", low=1)
     val_fraction: float = _opt(0.2, "share of a hospital's patients kept for its validation split",
                                low=0.0, high=0.9)

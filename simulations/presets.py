@@ -16,9 +16,10 @@ Presets:
   16 patients, DP on.
 - ``demo``: what ``make demo`` runs. 3 hospitals, all of mini-MIAS, DP on, the lesion-aware frozen-feature model
   ``effnet_head`` with the run config's model defaults (EfficientNet-Lite0 block-14 features, 192 channels per
-  32-px cell, standardised per image, classwise top-2 pooling); distributed noise over SecAgg+ (FedSGD, threshold
-  2 of 3): 80 rounds of one DP-SGD step, batch 20 per hospital, lr 1, noise multiplier 1.75 in the sum: epsilon
-  7.51 at delta 1e-5 per hospital for the sum (each hospital's own share alone: 12.6). The virtual hospitals opt
+  32-px cell, standardised per image, classwise top-2 pooling); distributed noise over SecAgg+ (FedSGD): 80 rounds
+  of one DP-SGD step, batch 20 per hospital, lr 1, noise multiplier 1.75 in the sum: epsilon 7.51 at delta 1e-5 per
+  hospital for the sum. Simulated hospitals do not drop out, so the sum waits for all three shares (threshold 3,
+  ``secagg-dropouts`` 0: each adds 1.75 / sqrt(3)); a share alone gives epsilon 17.6. The virtual hospitals opt
   in to the secure-aggregation assumption (``sim-budget-on-aggregate``), so the default budget of 10 holds.
 - ``full``: the demo's settings for 160 rounds at noise multiplier 2.4 (epsilon about 7.2 for the sum).
 """
@@ -78,6 +79,7 @@ _DEMO_OVERRIDES: Mapping[str, Any] = MappingProxyType({
     "batch-size": 20,
     "dp": True,
     "dp-mode": "distributed",
+    "secagg-dropouts": 0,
     "noise-multiplier": 1.75,
     "sim-budget-on-aggregate": True,
     "max-grad-norm": 1.0,
