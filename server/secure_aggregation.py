@@ -194,6 +194,7 @@ class SecureFedSGD(MammoStrategyMixin, FedAvg):
             raise TooFewReplies(f"round {rnd}: the revealed sum holds NaN or Inf")
         step = self.secure.learning_rate * self.secure.max_grad_norm / self.secure.batch_size
         updated = {k: (self._global[k].astype(np.float64) - step * m).astype(self._global[k].dtype)
+                   if self._global[k].dtype.kind == "f" else self._global[k]  # counters are not trained
                    for k, m in zip(keys, mean)}
         share = share_noise_multiplier(self.secure.noise_multiplier, outcome.threshold)
         info = {"participants": len(outcome.participants), "contributors": contributors,
