@@ -26,6 +26,7 @@ import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import FitIns, FitRes, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy as LegacyStrategy
@@ -88,7 +89,7 @@ class _RoundBridge(LegacyStrategy):
         return None
 
     def configure_fit(self, server_round, parameters, client_manager):
-        return [(_Node(node_id), self.fitins) for node_id in self.outcome.participants]
+        return [(client_manager.clients[str(node_id)], self.fitins) for node_id in self.outcome.participants]
 
     def aggregate_fit(self, server_round, results, failures):
         self.outcome.revealed = True
@@ -140,8 +141,11 @@ class SecureFedSGD(MammoStrategyMixin, FedAvg):
         fitins = FitIns(ndarrays_to_parameters([self._global[k] for k in keys]),
                         {wire.SERVER_ROUND: rnd, wire.WEIGHT_KEYS: wire.join_keys(keys),
                          wire.SECURE_THRESHOLD: threshold})
+        nodes = SimpleClientManager()
+        for node_id in participants:
+            nodes.register(_Node(node_id))
         context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-                                strategy=_RoundBridge(outcome, fitins))
+                                strategy=_RoundBridge(outcome, fitins), client_manager=nodes)
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: rnd})
         context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
             fitins.parameters, keep_input=True)
