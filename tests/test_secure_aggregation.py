@@ -6,6 +6,8 @@ is wrapped so that every reply reaching it is recorded, and a client mod between
 each hospital's clear gradient sum to disk (the only place it exists): no reply carries it, the masked vectors do
 not resemble it, and the revealed mean is their mean. In round 2 hospital 2 dies while training: the round completes
 from the other two (the SecAgg+ threshold), and the noise recorded for the sum is that of the two shares present.
+In round 3 hospital 1's own budget (checked, by default, on its own share's epsilon) would be exceeded: it
+refuses, the protocol treats it as a dropout, the refusal is counted and named, and it spends nothing.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from flwr.supercore.primitives.asymmetric import generate_key_pairs
 from opacus.accountants import RDPAccountant
 
 from client.app import make_client_app
-from client.hospital_data import held_out_test_set
+from client.hospital_data import held_out_test_set, simulation_partition, split_train_val
 from common.evaluation import evaluate_model
+from common.privacy import PrivacyAccountant
 from common.distributed_dp import (MODULUS_RANGE, SecureSumError, SecureSumRange, check_secure_sum,
                                    reconstruction_threshold, secure_sum_range, share_noise_multiplier,
                                    sum_noise_multiplier, value_bound)
@@ -137,12 +140,18 @@ def test_three_hospitals_secure_rounds_reveal_only_the_sum(mias_dir, tmp_path):
 
     run_dir, state, clear = tmp_path / "run", tmp_path / "hospitals", tmp_path / "clear"
     clear.mkdir()
-    overrides = {"model": "cnn", "image-size": 64, "num-server-rounds": 2, "batch-size": 4, "lr": 0.5,
+    overrides = {"model": "cnn", "image-size": 64, "num-server-rounds": 3, "batch-size": 4, "lr": 0.5,
                  "noise-multiplier": 1.5, "min-nodes": 3, "min-train-replies": 2, "min-evaluate-replies": 2,
                  "round-timeout": 300.0, "sim-data-dir": str(mias_dir), "sim-state-dir": str(state),
                  "sim-max-patients": 18, "sim-test-fraction": 0.2, "val-fraction": 0.25, "run-dir": str(run_dir)}
     config = RunConfig.from_flower(overrides)
     assert config.distributed_dp  # auto: three hospitals planned
+    share = share_noise_multiplier(1.5, 2)
+    records = simulation_partition(mias_dir, config, partition_id=1, num_partitions=3)
+    train, _ = split_train_val(records, val_fraction=config.val_fraction, seed=config.seed)
+    rate = 1 / math.ceil(len(train) / config.batch_size)
+    two, three = (PrivacyAccountant(history=[(share, rate, k)]).epsilon(DELTA) for k in (2, 3))
+    budget = {1: {"max-epsilon": (two + three) / 2}}  # hospital 1 can afford rounds 1 and 2, not 3
     replies: list = []
 
     def central(run):
@@ -155,13 +164,13 @@ def test_three_hospitals_secure_rounds_reveal_only_the_sum(mias_dir, tmp_path):
     def main(grid, context):
         run_federation(RecordingGrid(grid, replies), config, central_evaluator=central)
 
-    client_app = make_client_app(overrides=overrides, mods=[clear_updates_to(clear), hospital_2_dies_training_round_2])
+    client_app = make_client_app(overrides=overrides, node_overrides=budget,
+                                 mods=[clear_updates_to(clear), hospital_2_dies_training_round_2])
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=3, backend_config=BACKEND)
 
     metrics = load_metrics(run_dir)
     assert metrics["status"] == "completed", metrics.get("error")
-    round1, round2 = metrics["rounds"]
-    share = share_noise_multiplier(1.5, 2)
+    round1, round2, round3 = metrics["rounds"]
     assert round1["secure_aggregation"]["participants"] == 3 and round1["secure_aggregation"]["threshold"] == 2
     assert round1["secure_aggregation"]["contributors"] == 3
     assert round1["secure_aggregation"]["noise_multiplier_of_sum"] == pytest.approx(share * math.sqrt(3))
@@ -169,6 +178,10 @@ def test_three_hospitals_secure_rounds_reveal_only_the_sum(mias_dir, tmp_path):
     assert round2["secure_aggregation"]["noise_multiplier_of_sum"] == pytest.approx(1.5)
     assert (round2["replies"]["train"]["valid"], round2["replies"]["train"]["failed"]) == (2, 1)
     assert round1["train_loss"] is None  # no per-hospital loss leaves a node in distributed mode
+    train3 = round3["replies"]["train"]
+    assert (train3["valid"], train3["refused"], round3["secure_aggregation"]["contributors"]) == (2, 1, 2)
+    assert "would exceed max-epsilon" in train3["notes"][0] and "of this node's own noise" in train3["notes"][0]
+    assert train3["notes"][0].startswith("node-")  # the one participant that did not contribute
 
     # Nothing in clear: every reply's arrays are empty; masked vectors look nothing like the clear sums.
     saved = {}
@@ -176,7 +189,7 @@ def test_three_hospitals_secure_rounds_reveal_only_the_sum(mias_dir, tmp_path):
         with np.load(path) as arrays:
             saved[path.stem] = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
     assert sorted(saved) == ["round1-hospital0", "round1-hospital1", "round1-hospital2", "round2-hospital0",
-                             "round2-hospital1"]
+                             "round2-hospital1", "round3-hospital0", "round3-hospital2"]
     masked = []
     for reply in replies:
         if not reply.has_content():
@@ -185,7 +198,7 @@ def test_three_hospitals_secure_rounds_reveal_only_the_sum(mias_dir, tmp_path):
         configs = reply.content.config_records.get("secaggplus_configs", {})
         if "masked_params" in configs:
             masked.append([bytes_to_ndarray(b) for b in configs["masked_params"]])
-    assert len(masked) == 5
+    assert len(masked) == 7
     clear_flat = [np.concatenate([a.ravel() for a in arrays]) for arrays in saved.values()]
     for vector in masked:
         flat = np.concatenate([a.ravel() for a in vector[1:]]).astype(np.float64)
@@ -201,18 +214,20 @@ def test_three_hospitals_secure_rounds_reveal_only_the_sum(mias_dir, tmp_path):
         np.testing.assert_allclose(checkpoint2[name], checkpoint1[name] - step * round2_mean[i], atol=1e-4)
 
     # Both epsilons per hospital, equal to Opacus' RDP accountant fed the share and the sum.
-    for hospital in ("partition-0", "partition-1"):
+    for hospital, rounds in (("partition-0", 3), ("partition-1", 2)):
         entry = metrics["privacy"][hospital]
         ledger = json.loads((state / f"hospital-{hospital[-1]}" / "privacy-ledger.json").read_text())
+        assert len(ledger["entries"]) == rounds  # hospital 1 refused round 3 and spent nothing on it
         rate = ledger["history"][0][1]
         own, summed = RDPAccountant(), RDPAccountant()
-        own.history, summed.history = [(share, rate, 2)], [(1.5, rate, 2)]
+        own.history, summed.history = [(share, rate, rounds)], [(1.5, rate, rounds)]
         assert entry["epsilon_own_noise"] == pytest.approx(own.get_epsilon(DELTA))
         assert entry["epsilon"] == pytest.approx(summed.get_epsilon(DELTA))
         assert entry["epsilon"] < entry["epsilon_own_noise"]
         assert entry["noise_multiplier"] == pytest.approx(share)
         assert entry["aggregate_noise_multiplier"] == pytest.approx(1.5)
-    assert round2["epsilon_max"] == pytest.approx(max(metrics["privacy"][h]["epsilon"]
-                                                      for h in ("partition-0", "partition-1")))
+    assert metrics["privacy"]["partition-1"]["epsilon_own_noise"] == pytest.approx(two)
+    assert round3["epsilon_max"] == pytest.approx(max(metrics["privacy"][h]["epsilon"]
+                                                      for h in ("partition-0", "partition-2")))
     dead = json.loads((state / "hospital-2" / "privacy-ledger.json").read_text())
-    assert [e["server_round"] for e in dead["entries"]] == [1]  # died before training round 2: nothing spent
+    assert [e["server_round"] for e in dead["entries"]] == [1, 3]  # died before training round 2: nothing spent
