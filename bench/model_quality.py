@@ -2,7 +2,9 @@
 
 The protocol of the independent reference in the federated-training issue: every patient is tested exactly once
 per seed (`common.splits.kfold_patients`, stratified by worst label), the test predictions of all folds are
-pooled and one malignancy AUC is computed per seed; the table gives mean ± standard deviation over seeds. Rows,
+pooled and one malignancy AUC is computed per seed; the table gives mean ± standard deviation over seeds. The
+folds depend on the training seed (each seed re-draws them); inside a seed every fold trains with its own seed,
+``fold_seed(seed, fold) = seed * 1000 + fold`` (initial weights, sampling, noise, the cut into hospitals). Rows,
 all on the same folds:
 
 - ``pooled head features + logreg``: global-average-pooled frozen EfficientNet-Lite0 head features + logistic
@@ -99,6 +101,13 @@ def folds_for(prepared: Sequence[PreparedImage], *, k: int, seed: int) -> list[t
     return out
 
 
+def fold_seed(seed: int, fold: int) -> int:
+    """Seed of one fold of one training seed (distinct for every (seed, fold) with fold < 1000)."""
+    if not 0 <= fold < 1000:
+        raise ValueError("fold_seed supports at most 1000 folds")
+    return seed * 1000 + fold
+
+
 def cell_model_scores(variant: Variant, data: CellDataset, train_idx: list[int], test_idx: list[int],
                       seed: int) -> tuple[np.ndarray, float | None]:
     torch.manual_seed(seed)
@@ -161,8 +170,8 @@ def evaluate(variant: Variant, prepared: Sequence[PreparedImage], cache: Feature
     start = time.perf_counter()
     for seed in seeds:
         scores = np.zeros(len(labels))
-        for train_idx, test_idx in folds_for(prepared, k=k, seed=seed):
-            scores[test_idx], epsilon = score(train_idx, test_idx, seed)
+        for fold, (train_idx, test_idx) in enumerate(folds_for(prepared, k=k, seed=seed)):
+            scores[test_idx], epsilon = score(train_idx, test_idx, fold_seed(seed, fold))
             if epsilon is not None:
                 epsilons.append(epsilon)
         aucs.append(float(roc_auc_score(labels == MALIGNANT, scores)))
