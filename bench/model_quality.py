@@ -378,8 +378,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="Poisson sample rate 1 / this, at every site and centrally")
     parser.add_argument("--lr", type=float, default=1.0, help="SGD learning rate")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="per-sample clip norm")
-    parser.add_argument("--cell-loss-weight", type=float, nargs="+", default=[1.0],
-                        help="weight of the cell term of the loss; several values: rows for each")
+    parser.add_argument("--cell-loss-weight", type=float, nargs="+", default=[10.0],
+                        help="weight of the cell term of the loss; several values: rows for each (default 10: "
+                             "+0.013 ± 0.003 AUC over 1 on the centralised DP rows, 10 seeds; README)")
     parser.add_argument("--engine", choices=ENGINES, default="fast", help="federated rows: see bench.fedsgd")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override the demo preset's model, e.g. --set top-k=4")
