@@ -320,13 +320,15 @@ def plot(results: Sequence[dict], path: Path) -> None:
     colours = {0: "black", 3: "tab:blue", 6: "tab:orange", 10: "tab:green"}
     styles = {"centralised": "-", "distributed": "-", "local": "--"}
     markers = {"centralised": "s", "distributed": "o", "local": "^"}
-    for (mode, n, weight), points in sorted(lines.items(), key=lambda item: (item[0][2], item[0][1], item[0][0])):
+    ordered = sorted(lines.items(), key=lambda item: (item[0][2], item[0][1], item[0][0]))
+    for position, ((mode, n, weight), points) in enumerate(ordered):
         points = sorted(points, key=lambda r: r["epsilon"])
+        dodge = 1 + 0.012 * (position - (len(ordered) - 1) / 2)  # side by side, so error bars stay readable
         stats = [mean_se(r["aucs"]) for r in points]
         label = "centralised" if mode == "centralised" else f"{n} hospitals, {mode} noise"
         if len(weights) > 1:
             label += f", cell weight {weight:g}"
-        ax.errorbar([r["epsilon"] for r in points], [m for m, _ in stats], yerr=[s for _, s in stats],
+        ax.errorbar([r["epsilon"] * dodge for r in points], [m for m, _ in stats], yerr=[s for _, s in stats],
                     label=label, color=colours.get(n), linestyle=styles[mode], marker=markers[mode], capsize=3,
                     markersize=4)
     for r in results:
@@ -335,7 +337,8 @@ def plot(results: Sequence[dict], path: Path) -> None:
                        linewidth=1, label=MODE_NAMES[r["mode"]])
     ax.set_xscale("log")
     ax.set_xticks(sorted({r["epsilon"] for r in results if r["epsilon"] is not None}))
-    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("ε per hospital (δ 1e-5, RDP); distributed noise: ε of the revealed sum")
     ax.set_ylabel("malignancy AUC (5-fold CV, mean ± s.e. over seeds)")
     ax.grid(alpha=0.3)
@@ -348,8 +351,11 @@ def plot(results: Sequence[dict], path: Path) -> None:
 def tabulate(paths: Sequence[Path], *, weights: Sequence[float], out: Path | None) -> None:
     """The table (and plot) of saved rows: seeded runs give the same rows whether run together or apart."""
     rows: dict[str, dict] = {}
+    settings = []
     for path in paths:
-        for result in json.loads(path.read_text())["rows"]:
+        saved = json.loads(path.read_text())
+        settings.append(saved.get("settings"))
+        for result in saved["rows"]:
             if result["mode"] == "logreg" or result["cell_loss_weight"] in weights:
                 rows[result["name"]] = result
     results = sorted(rows.values(), key=row_order)
@@ -358,7 +364,7 @@ def tabulate(paths: Sequence[Path], *, weights: Sequence[float], out: Path | Non
         print(format_row(result, results))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        document = {"sources": [str(p) for p in paths], "rows": results}
+        document = {"sources": [str(p) for p in paths], "settings": settings, "rows": results}
         (out / "model_quality.json").write_text(json.dumps(document, indent=1) + "\n")
         plot(results, out / "model_quality.png")
 
