@@ -1,7 +1,9 @@
 """`make bench`: every benchmark of the project, one after the other.
 
 The model-quality benchmark needs mini-MIAS: it runs when ``MINI_MIAS_DIR`` names the folder (the Makefile sets
-it to ``../shared/data/mini-mias`` when that exists) and is skipped with a message otherwise.
+it to ``../shared/data/mini-mias`` when that exists) and is skipped with a message otherwise. It runs its whole
+default grid (see README, "Model quality", for how long that takes) and writes its JSON and plot to
+``cache/bench/model-quality``.
 """
 
 import os
@@ -15,6 +17,6 @@ if __name__ == "__main__":
     data = os.environ.get("MINI_MIAS_DIR", "")
     if data and (Path(data) / "Info.txt").is_file():
         print()
-        model_quality.main(["--data-dir", data])
+        model_quality.main(["--data-dir", data, "--out", "cache/bench/model-quality"])
     else:
         print("\n# model quality: skipped, MINI_MIAS_DIR does not name a mini-MIAS folder", file=sys.stderr)
