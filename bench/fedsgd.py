@@ -28,9 +28,9 @@ Two engines compute the same thing:
   through ONE forward/backward of the global model wrapped in an Opacus `GradSampleModule` (hooks, as
   `train_local`), and clipping, summing, noise and the SGD step follow Opacus' `DPOptimizer` line by line,
   per hospital. Every random number is drawn from the same generators in the same order as `train_local`
-  does (the Poisson mask from a generator seeded with the hospital's round seed, after the one draw a torch
-  `DataLoader` iterator takes from it for its base seed; the noise from a second generator with the same seed,
-  parameter by parameter), so both engines give the same weights up to
+  does (the hospital's round seed split into a sampling and a noise seed by `client.training.stream_seeds`; the
+  Poisson mask from the sampling generator, after the one draw a torch `DataLoader` iterator takes from it for its
+  base seed; the noise from the noise generator, parameter by parameter), so both engines give the same weights up to
   floating-point rounding (per-sample gradients of a sum-reduced loss instead of Opacus' mean x batch size;
   one forward for all hospitals is exact because a DP model has no layer that mixes examples);
   ``tests/test_model_quality_bench.py`` checks this against `train_local`. Epsilon is computed once at the
@@ -53,7 +53,7 @@ from opacus import GradSampleModule
 from torch import nn
 from torch.utils.data import Subset
 
-from client.training import DPConfig, LocalTrainConfig, train_local
+from client.training import DPConfig, LocalTrainConfig, stream_seeds, train_local
 from common.aggregation import weighted_average
 from common.models import CellDataset
 from common.models.loss import lesion_aware_loss
@@ -158,16 +158,17 @@ def _fast_rounds(model: nn.Module, data: CellDataset, sites: list[list[int]], co
         for round_number in range(config.rounds):
             seeds = [round_seed(seed, round_number, k) for k in range(len(sites))]
             chosen = []
-            for k, site_seed in enumerate(seeds):
-                sampler = torch.Generator().manual_seed(site_seed)
+            streams = [stream_seeds(site_seed) for site_seed in seeds]  # (sampling, noise) as train_local
+            for k, (sampling_seed, _) in enumerate(streams):
+                sampler = torch.Generator().manual_seed(sampling_seed)
                 torch.empty((), dtype=torch.int64).random_(generator=sampler)  # the DataLoader's base seed
                 mask = torch.rand(len(sites[k]), generator=sampler) < rate  # Opacus' Poisson sampler
                 chosen.append(index[k][mask.nonzero(as_tuple=False).reshape(-1)])
             summed = _clipped_sums(wrapped, params, data, chosen, config)
             start = {name: p.detach().clone() for name, p in zip(names, params)}
             updates = []
-            for k, site_seed in enumerate(seeds):
-                noise = torch.Generator().manual_seed(site_seed)
+            for k, (_, noise_seed) in enumerate(streams):
+                noise = torch.Generator().manual_seed(noise_seed)
                 weights = dict(model.state_dict())
                 for name, p, grad_sum in zip(names, params, summed[k]):
                     grad = grad_sum + torch.normal(mean=0, std=std, size=p.shape, generator=noise, dtype=p.dtype)
