@@ -35,7 +35,6 @@ REFUSAL = "refusal"  # ConfigRecord: why a node did not train
 SERVER_ROUND = "server-round"  # injected by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx
 WEIGHT_KEYS = "weight-keys"  # secure rounds: names of the legacy parameters list, in order (`join_keys`)
-SECURE_THRESHOLD = "secagg-threshold"  # secure rounds: SecAgg+ reconstruction threshold T (noise share sigma/sqrt(T))
 
 # ---------------------------------------------------------------- train reply metrics (node -> server)
 NUM_EXAMPLES = "num-examples"  # weight of the reply in averaging (Flower's default `weighted_by_key`)
