@@ -60,7 +60,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import Subset
 
-from bench.fedsgd import ENGINES, FedSGDConfig, fedsgd, site_batch_size
+from bench.fedsgd import ENGINES, FedSGDConfig, constant_epsilon, fedsgd, site_batch_size
 from client.feature_cache import FeatureCache
 from client.hospital_data import PreparedImage, labelled_image, preprocess_records
 from client.preprocess_cache import PreprocessCache
@@ -70,7 +70,6 @@ from common.evaluation import predict_proba
 from common.models import CellDataset, ModelConfig, build_dataset, build_model
 from common.partitioning import partition_patients
 from common.preprocessing import PreprocessConfig
-from common.privacy import PrivacyAccountant
 from common.records import CLASS_NAMES
 from common.run_config import ConfigError
 from common.splits import kfold_patients
@@ -133,9 +132,7 @@ def calibrate_noise(epsilon: float, *, sample_rate: float, steps: int, delta: fl
 
 def epsilon_of(noise_multiplier: float, *, sample_rate: float, steps: int, delta: float = DELTA) -> float:
     """Epsilon of `steps` DP-SGD steps, as `common.privacy.PrivacyAccountant` computes it."""
-    accountant = PrivacyAccountant(ACCOUNTANT)
-    accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
-    return accountant.epsilon(delta)
+    return constant_epsilon(ACCOUNTANT, noise_multiplier, sample_rate, steps, delta)
 
 
 def site_noise(row: Row, sigma: float) -> float:
