@@ -192,7 +192,8 @@ def train_secure_round(*, run: RunConfig, node: NodeConfig, global_weights: dict
     if terms.max_weight != 1.0:
         return refuse(f"refused: secure-aggregation max weight {terms.max_weight:g}, expected 1 (each hospital's "
                       f"sum counts once; the batch size must not weigh in)")
-    share = share_noise_multiplier(run.noise_multiplier, terms.threshold)
+    config = secure_train_config(run, server_round=server_round, threshold=terms.threshold)
+    share = config.dp.noise_multiplier
     aggregate_noise = share * math.sqrt(terms.threshold)
     model = build_model(run.model_config())
     load_weights(model, global_weights, source=f"round {server_round} global model")
@@ -202,7 +203,6 @@ def train_secure_round(*, run: RunConfig, node: NodeConfig, global_weights: dict
     if problem:
         return refuse(f"refused: {problem}")
     data = hospital_data(node, run)
-    config = secure_train_config(run, server_round=server_round, threshold=terms.threshold)
     plan = plan_dp_round(len(data.train), config=config)
     decision = ledger.check_budget(noise_multiplier=share, aggregate_noise_multiplier=aggregate_noise,
                                    sample_rate=plan.sample_rate, steps=plan.steps, delta=run.delta,
