@@ -4,8 +4,13 @@ Loadable without Flower (``load_bundle(path) -> (model, meta)``), e.g. by a hosp
 released model. File format: a ``torch.save`` archive of plain tensors and one JSON string, read back with
 ``torch.load(weights_only=True)`` (no pickle code runs on load)::
 
-    {"format": "mammofl-bundle/1", "meta": "<JSON: model_config, preprocess_config, class_names, info>",
-     "weights": {state_dict key: tensor}}
+    {"format": "mammofl-bundle/1", "meta": "<JSON: model_config, preprocess_config, preprocess_fingerprint,
+     class_names, info>", "weights": {state_dict key: tensor}}
+
+``preprocess_fingerprint`` (``PreprocessConfig.fingerprint``: algorithm version + settings) must match this
+version's preprocessing, else the bundle is refused: the model would see pixels unlike those it was trained on.
+``info["operating_point"]`` (``common.operating_point.OperatingPoint.to_json``) is the malignancy threshold the
+model is used at, chosen on validation data.
 
 ``weights`` is what the federation exchanges (common.weights): trainable parameters and buffers under the plain
 model's state-dict keys; frozen pretrained layers come from ``build_model`` (their weights ship with the installed
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 
 from common.models import ModelConfig, build_model
+from common.operating_point import OperatingPoint
 from common.preprocessing import PreprocessConfig
 from common.records import CLASS_NAMES
 from common.weights import WeightsError, load_weights
@@ -44,7 +50,13 @@ class BundleMeta:
     model_config: ModelConfig
     preprocess_config: PreprocessConfig
     class_names: tuple[str, ...] = CLASS_NAMES
-    info: dict[str, Any] = field(default_factory=dict)  # provenance: run, round, metrics summary, versions
+    info: dict[str, Any] = field(default_factory=dict)  # provenance: run, round, metrics, operating point, versions
+
+    @property
+    def operating_point(self) -> OperatingPoint | None:
+        """The malignancy threshold chosen on validation data, None for a bundle made without one."""
+        data = self.info.get("operating_point")
+        return OperatingPoint.from_json(data) if data else None
 
 
 def save_bundle(path: Path, weights: dict[str, Any], meta: BundleMeta) -> Path:
@@ -55,6 +67,7 @@ def save_bundle(path: Path, weights: dict[str, Any], meta: BundleMeta) -> Path:
         "meta": json.dumps({
             "model_config": dataclasses.asdict(meta.model_config),
             "preprocess_config": dataclasses.asdict(meta.preprocess_config),
+            "preprocess_fingerprint": meta.preprocess_config.fingerprint(),
             "class_names": list(meta.class_names),
             "info": meta.info,
         }),
@@ -82,13 +95,23 @@ def read_bundle(path: Path) -> tuple[dict[str, torch.Tensor], BundleMeta]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise BundleError(f"{path}: format {found!r}, expected {FORMAT!r}")
-    raw = json.loads(payload["meta"])
-    meta = BundleMeta(
-        model_config=_dataclass_from(ModelConfig, raw["model_config"]),
-        preprocess_config=_dataclass_from(PreprocessConfig, raw["preprocess_config"]),
-        class_names=tuple(raw["class_names"]),
-        info=raw.get("info", {}),
-    )
+    try:
+        raw = json.loads(payload["meta"])
+        meta = BundleMeta(
+            model_config=_dataclass_from(ModelConfig, raw["model_config"]),
+            preprocess_config=_dataclass_from(PreprocessConfig, raw["preprocess_config"]),
+            class_names=tuple(raw["class_names"]),
+            info=raw.get("info", {}),
+        )
+    except BundleError as error:
+        raise BundleError(f"{path}: {error}") from None
+    except (KeyError, TypeError, ValueError) as error:
+        raise BundleError(f"{path}: unreadable metadata ({type(error).__name__}: {error})") from None
+    fingerprint = raw.get("preprocess_fingerprint")
+    if fingerprint is not None and fingerprint != meta.preprocess_config.fingerprint():
+        raise BundleError(f"{path}: made with another preprocessing algorithm (fingerprint {fingerprint[:12]}…, "
+                          f"this version computes {meta.preprocess_config.fingerprint()[:12]}…): its model would "
+                          f"see different pixels; use the MammoFL version that made it")
     return payload["weights"], meta
 
 

@@ -164,6 +164,26 @@ class Geometry:
         out[self.pad_top : self.pad_top + self.out_height, : self.out_width] = resized
         return out
 
+    def unwarp(self, array: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`warp` for maps made in the output frame (heatmaps, cell scores): an array of
+        the original shape; pixels outside the crop are 0.
+
+        Unpad, resize the ``out_height`` x ``out_width`` area back to the crop's size (bilinear, same pixel-centre
+        convention as :meth:`map_point`), unflip, and place it at the crop's position.
+        """
+        array = np.asarray(array, dtype=np.float32)
+        if array.shape != (self.size, self.size):
+            raise ValueError(f"expected an array of the output shape {(self.size, self.size)}, got {array.shape}")
+        area = np.ascontiguousarray(array[self.pad_top : self.pad_top + self.out_height, : self.out_width])
+        step = (self.out_height / self.height, self.out_width / self.width)  # output pixels per input pixel
+        crop = ndimage.affine_transform(area, matrix=step, offset=[0.5 * s - 0.5 for s in step],
+                                        output_shape=(self.height, self.width), order=1, mode="nearest")
+        if self.flipped:
+            crop = crop[:, ::-1]
+        out = np.zeros(self.in_shape, dtype=np.float32)
+        out[self.top : self.top + self.height, self.left : self.left + self.width] = crop
+        return out
+
     def to_dict(self) -> dict[str, int | bool | list[int]]:
         return {**asdict(self), "in_shape": list(self.in_shape)}
 
