@@ -25,35 +25,43 @@ import numpy as np
 from common.records import CLASS_NAMES
 
 MALIGNANT = CLASS_NAMES.index("malignant")
+_OTHERS = tuple(i for i in range(len(CLASS_NAMES)) if i != MALIGNANT)  # (normal, benign)
 BINS = 100
+SHAPE = (len(CLASS_NAMES), len(_OTHERS), BINS)
 RULES = ("sensitivity", "youden")
 
 
 @dataclass(frozen=True)
 class ScoreHistogram:
-    """counts[c, b]: images of true class c (CLASS_NAMES order) whose P(malignant) falls in bin b of BINS."""
+    """counts[c, k, b]: images of true class c (CLASS_NAMES order) whose P(malignant) falls in bin b of BINS and
+    whose more probable non-malignant class is k (0 normal, 1 benign; a tie is normal, as :func:`decide`).
+
+    The middle axis makes the three-class confusion matrix at any threshold exact (:func:`confusion_at`)."""
 
     counts: np.ndarray
 
     def __post_init__(self) -> None:
         counts = np.asarray(self.counts, dtype=np.int64)
-        if counts.shape != (len(CLASS_NAMES), BINS):
-            raise ValueError(f"score histogram must have shape {(len(CLASS_NAMES), BINS)}, got {counts.shape}")
+        if counts.shape != SHAPE:
+            raise ValueError(f"score histogram must have shape {SHAPE}, got {counts.shape}")
         if (counts < 0).any():
             raise ValueError("score histogram counts must be >= 0")
         object.__setattr__(self, "counts", counts)
 
     @classmethod
     def empty(cls) -> ScoreHistogram:
-        return cls(np.zeros((len(CLASS_NAMES), BINS), dtype=np.int64))
+        return cls(np.zeros(SHAPE, dtype=np.int64))
 
     @classmethod
     def of(cls, labels, probs) -> ScoreHistogram:
         """Histogram of labels (N,) and class probabilities (N, 3)."""
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        scores = np.asarray(probs, dtype=np.float64).reshape(len(labels), len(CLASS_NAMES))[:, MALIGNANT]
-        counts = np.zeros((len(CLASS_NAMES), BINS), dtype=np.int64)
-        np.add.at(counts, (labels, score_bin(scores)), 1)
+        probs = np.asarray(probs, dtype=np.float64).reshape(len(labels), len(CLASS_NAMES))
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
+            raise ValueError(f"labels must be in 0..{len(CLASS_NAMES) - 1}")
+        fallback = (probs[:, _OTHERS[1]] > probs[:, _OTHERS[0]]).astype(np.int64)
+        counts = np.zeros(SHAPE, dtype=np.int64)
+        np.add.at(counts, (labels, fallback, score_bin(probs[:, MALIGNANT])), 1)
         return cls(counts)
 
     def __add__(self, other: ScoreHistogram) -> ScoreHistogram:
@@ -64,14 +72,30 @@ class ScoreHistogram:
         return int(self.counts.sum())
 
     @property
+    def by_class(self) -> np.ndarray:
+        """(3, BINS) images per true class and bin."""
+        return self.counts.sum(axis=1)
+
+    @property
     def positives(self) -> np.ndarray:
         """(BINS,) malignant images per bin."""
-        return self.counts[MALIGNANT]
+        return self.by_class[MALIGNANT]
 
     @property
     def negatives(self) -> np.ndarray:
         """(BINS,) non-malignant images per bin."""
-        return self.counts.sum(axis=0) - self.counts[MALIGNANT]
+        return self.by_class.sum(axis=0) - self.by_class[MALIGNANT]
+
+    def flat(self) -> list[int]:
+        """The counts as one list (C order), as they travel in an evaluation reply."""
+        return [int(v) for v in self.counts.reshape(-1)]
+
+    @classmethod
+    def from_flat(cls, values) -> ScoreHistogram:
+        values = np.asarray(values)
+        if values.size != int(np.prod(SHAPE)) or not np.all(np.isfinite(values)) or (values != np.round(values)).any():
+            raise ValueError(f"a score histogram is {int(np.prod(SHAPE))} integer counts")
+        return cls(values.astype(np.int64).reshape(SHAPE))
 
     def to_json(self) -> dict:
         return {"bins": BINS, "class_names": list(CLASS_NAMES), "counts": self.counts.tolist()}
@@ -120,7 +144,7 @@ class BinaryCounts:
 
 def counts_at(histogram: ScoreHistogram, threshold: float) -> BinaryCounts:
     """Binary counts when scores >= `threshold` (a bin edge) are called malignant."""
-    first = int(round(snap_threshold(threshold) * BINS))
+    first = _first_bin(threshold)
     pos, neg = histogram.positives, histogram.negatives
     return BinaryCounts(tp=int(pos[first:].sum()), fn=int(pos[:first].sum()),
                         fp=int(neg[first:].sum()), tn=int(neg[:first].sum()))
@@ -174,10 +198,25 @@ def decide(probs, threshold: float) -> np.ndarray:
     """Class decisions (N,) at the malignancy threshold: malignant when P(malignant) >= threshold (bin-exact),
     else the more probable of normal and benign."""
     probs = np.asarray(probs, dtype=np.float64).reshape(-1, len(CLASS_NAMES))
-    malignant = score_bin(probs[:, MALIGNANT]) >= int(round(snap_threshold(threshold) * BINS))
-    others = [i for i in range(len(CLASS_NAMES)) if i != MALIGNANT]
-    fallback = np.asarray(others)[probs[:, others].argmax(axis=1)]
+    malignant = score_bin(probs[:, MALIGNANT]) >= _first_bin(threshold)
+    fallback = np.where(probs[:, _OTHERS[1]] > probs[:, _OTHERS[0]], _OTHERS[1], _OTHERS[0])
     return np.where(malignant, MALIGNANT, fallback)
+
+
+def confusion_at(histogram: ScoreHistogram, threshold: float) -> list[list[int]]:
+    """The three-class confusion matrix (rows true, columns decided; CLASS_NAMES order) of :func:`decide` at
+    `threshold`, exactly as from the raw probabilities."""
+    first = _first_bin(threshold)
+    matrix = np.zeros((len(CLASS_NAMES), len(CLASS_NAMES)), dtype=np.int64)
+    for true in range(len(CLASS_NAMES)):
+        matrix[true, MALIGNANT] = histogram.counts[true, :, first:].sum()
+        for k, other in enumerate(_OTHERS):
+            matrix[true, other] = histogram.counts[true, k, :first].sum()
+    return matrix.tolist()
+
+
+def _first_bin(threshold: float) -> int:
+    return int(round(snap_threshold(threshold) * BINS))
 
 
 def roc_curve(histogram: ScoreHistogram) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +254,7 @@ def calibration(histogram: ScoreHistogram, groups: int = 10) -> tuple[np.ndarray
         raise ValueError(f"groups must divide {BINS}")
     centres = (np.arange(BINS) + 0.5) / BINS
     per = BINS // groups
-    totals = histogram.counts.sum(axis=0)
+    totals = histogram.by_class.sum(axis=0)
     predicted, observed, sizes = [], [], []
     for g in range(groups):
         span = slice(g * per, (g + 1) * per)
