@@ -135,9 +135,11 @@ def make_client_app(*, overrides: Mapping[str, Any] | None = None,
 
         torch.set_num_threads(1)
         run, node = configs(context)
+        config = msg.content[wire.CONFIG]
         outcome = evaluate_round(run=run, node=node, global_weights=_weights(msg),
-                                 server_round=int(msg.content[wire.CONFIG][wire.SERVER_ROUND]))
-        return Message(RecordDict({wire.METRICS: evaluation_reply_metrics(outcome)}), reply_to=msg)
+                                 server_round=int(config[wire.SERVER_ROUND]))
+        metrics = evaluation_reply_metrics(outcome, score_histogram=bool(config.get(wire.WANT_SCORE_HISTOGRAM)))
+        return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
 
     return client_app
 
@@ -209,8 +211,9 @@ def train_reply_metrics(result: TrainResult, node: NodeConfig) -> MetricRecord:
     return MetricRecord(metrics)
 
 
-def evaluation_reply_metrics(outcome: EvalOutcome) -> MetricRecord:
-    """The numbers an evaluate reply carries: example count, loss, defined metrics, confusion counts."""
+def evaluation_reply_metrics(outcome: EvalOutcome, *, score_histogram: bool = False) -> MetricRecord:
+    """The numbers an evaluate reply carries: example count, loss, defined metrics, confusion counts (and, when
+    asked, the score histogram of the validation split)."""
     from common.metrics import scalar_metrics
 
     metrics: dict[str, float | int] = {wire.NUM_EXAMPLES: int(outcome.num_examples)}
@@ -220,6 +223,8 @@ def evaluation_reply_metrics(outcome: EvalOutcome) -> MetricRecord:
         if key == "n":
             continue
         metrics[key] = int(value) if wire.confusion_cell(key) is not None else float(value)
+    if score_histogram:
+        metrics[wire.SCORE_HISTOGRAM] = outcome.score_histogram.flat()
     return MetricRecord(metrics)
 
 

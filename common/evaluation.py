@@ -8,7 +8,7 @@ whatever annotations a site has).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,16 +18,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from common.metrics import classification_metrics
+from common.operating_point import ScoreHistogram
 
 
 @dataclass(frozen=True)
 class EvalOutcome:
     """num_examples; loss = mean image cross-entropy (NaN when empty); metrics of `classification_metrics`
-    (values None where undefined; empty dict when there is no example)."""
+    (values None where undefined; empty dict when there is no example); the score histogram that operating
+    points and curves are computed from (``common.operating_point``)."""
 
     num_examples: int
     loss: float
     metrics: dict[str, Any]
+    score_histogram: ScoreHistogram = field(default_factory=ScoreHistogram.empty)
 
 
 def _loader(dataset: Dataset, batch_size: int) -> DataLoader:
@@ -62,4 +65,5 @@ def evaluate_model(model: nn.Module, dataset: Dataset, *, device: torch.device |
     loss = float(F.cross_entropy(logits, labels))
     probs = F.softmax(logits, dim=1).numpy()
     return EvalOutcome(num_examples=len(labels), loss=loss,
-                       metrics=classification_metrics(labels.numpy(), probs))
+                       metrics=classification_metrics(labels.numpy(), probs),
+                       score_histogram=ScoreHistogram.of(labels.numpy(), probs))

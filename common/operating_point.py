@@ -28,6 +28,7 @@ MALIGNANT = CLASS_NAMES.index("malignant")
 _OTHERS = tuple(i for i in range(len(CLASS_NAMES)) if i != MALIGNANT)  # (normal, benign)
 BINS = 100
 SHAPE = (len(CLASS_NAMES), len(_OTHERS), BINS)
+_EDGE = 1e-9  # a score within float rounding of a bin edge (0.29 * 100 = 28.999…) belongs to the bin above it
 RULES = ("sensitivity", "youden")
 
 
@@ -108,16 +109,17 @@ class ScoreHistogram:
 
 
 def score_bin(scores) -> np.ndarray:
-    """Bin index of each P(malignant): bin b holds [b/BINS, (b+1)/BINS), the last bin also 1.0."""
+    """Bin index of each P(malignant): bin b holds [b/BINS, (b+1)/BINS) (edges up to float rounding), the last
+    bin also 1.0."""
     scores = np.asarray(scores, dtype=np.float64)
     if not np.isfinite(scores).all():
         raise ValueError("scores contain NaN or Inf")
-    return np.clip(np.floor(np.clip(scores, 0.0, 1.0) * BINS).astype(np.int64), 0, BINS - 1)
+    return np.clip(np.floor(np.clip(scores, 0.0, 1.0) * BINS + _EDGE).astype(np.int64), 0, BINS - 1)
 
 
 def snap_threshold(threshold: float) -> float:
     """The bin edge at or below `threshold` (decisions are exact from histograms only at bin edges)."""
-    return float(np.floor(float(threshold) * BINS) / BINS)
+    return float(np.floor(float(threshold) * BINS + _EDGE) / BINS)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from common.operating_point import RULES as OPERATING_POINT_RULES
+
 MODEL_KINDS = ("cnn", "effnet_head", "effnet_finetune")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 ACCOUNTANTS = ("rdp", "prv")
@@ -62,6 +64,11 @@ class RunConfig:
     max_update_norm: float = _opt(1000.0, "reject a reply whose L2 distance to the global model exceeds this "
                                   "(0 = no bound)", low=0.0)
     seed: int = _opt(42, "seed for sampling, splits and partitions", low=0)
+    operating_point: str = _opt("sensitivity", "how the released model's malignancy threshold is chosen on the "
+                                "hospitals' validation data: sensitivity (highest threshold reaching "
+                                "target-sensitivity) or youden", choices=OPERATING_POINT_RULES)
+    target_sensitivity: float = _opt(0.9, "operating-point sensitivity: the malignancy sensitivity to reach",
+                                     low=0.0, high=1.0, low_open=True)
     # ------------------------------------------------------------ model and local training
     model: str = _opt("effnet_head", "model kind: cnn (trained end to end), effnet_head (frozen pretrained "
                       "features per cell + DP head), effnet_finetune (last blocks trainable)", choices=MODEL_KINDS)

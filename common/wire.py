@@ -11,7 +11,9 @@ Message layout (Flower Message API):
 - train reply: ``{ARRAYS: ArrayRecord(local weights), METRICS: MetricRecord(TRAIN_METRIC_KEYS)}``.
 - refusal reply (node budget exhausted): ``{METRICS: MetricRecord(REFUSAL_METRIC_KEYS), REFUSAL:
   ConfigRecord({REASON: str})}`` and no arrays (MetricRecords hold numbers only, so the reason travels apart).
-- evaluate reply: ``{METRICS: MetricRecord(NUM_EXAMPLES, EVAL_LOSS, metric names, confusion counts)}``.
+- evaluate reply: ``{METRICS: MetricRecord(NUM_EXAMPLES, EVAL_LOSS, metric names, confusion counts)}``, plus
+  ``SCORE_HISTOGRAM`` when the instruction's config sets ``WANT_SCORE_HISTOGRAM`` (the last round's evaluation,
+  from which the coordinator chooses the operating point).
 
 Distributed noise over secure aggregation (``common.distributed_dp``) runs on Flower's SecAgg+ protocol, whose
 messages use Flower's legacy layout (``fitins.*`` / ``fitres.*`` records plus SecAgg+'s own config record). The
@@ -34,6 +36,7 @@ REFUSAL = "refusal"  # ConfigRecord: why a node did not train
 # ---------------------------------------------------------------- per-round config (server -> node)
 SERVER_ROUND = "server-round"  # injected by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx
+WANT_SCORE_HISTOGRAM = "score-histogram"  # evaluate instruction: 1 = reply with SCORE_HISTOGRAM too
 WEIGHT_KEYS = "weight-keys"  # secure rounds: names of the legacy parameters list, in order (`join_keys`)
 
 # ---------------------------------------------------------------- train reply metrics (node -> server)
@@ -61,6 +64,9 @@ EVAL_LOSS = "eval-loss"
 #: Confusion-matrix counts `cm_<true class>_<predicted class>` (as `common.metrics.scalar_metrics` writes them):
 #: counts are aggregate numbers, and summing them over hospitals gives the exact pooled confusion matrix.
 CONFUSION_PREFIX = "cm_"
+#: Counts of validation images per (true class, more probable non-malignant class, P(malignant) bin): a list of
+#: ints, ``common.operating_point.ScoreHistogram.flat`` order; summed over hospitals it is the pooled histogram.
+SCORE_HISTOGRAM = "score-histogram"
 
 
 def join_keys(keys: list[str]) -> str:

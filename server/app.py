@@ -28,7 +28,14 @@ from common.models import build_model
 from common.records import CLASS_NAMES
 from common.run_config import ConfigError, RunConfig
 from common.weights import exchanged_weights, load_weights
-from server.run_directory import RunDirectory, default_run_dir, eval_entry, final_from_federated
+from server.run_directory import (
+    RunDirectory,
+    default_run_dir,
+    eval_entry,
+    final_from_federated,
+    release_operating_point,
+    with_operating_point,
+)
 from server.strategy import MammoStrategyMixin, build_strategy
 
 log = logging.getLogger(__name__)
@@ -118,7 +125,7 @@ class RoundRecorder:
         if self.evaluator is not None:
             load_weights(self.model, {k: v.numpy() for k, v in arrays.items()}, source=f"round {rnd}")
             central = self.evaluator(self.model.eval())
-            entry["centralised_eval"] = central
+            entry["centralised_eval"] = _summary(central)  # the histogram is kept for the final entry only
             self.last_central = {**central, "round": rnd}
         self.run.record_round(entry)
         self.run.set_privacy({h: {**p, "accountant": self.accountant} for h, p in self.strategy.privacy.items()})
@@ -166,11 +173,13 @@ def _run(grid: Grid, config: RunConfig, run: RunDirectory,
         log.warning("run already has %d rounds (num-server-rounds = %d): nothing to train",
                     done, config.num_server_rounds)
     load_weights(model, weights, source="final global model")
-    final = _final(run, recorder, model, evaluator, config.num_server_rounds)
+    point = release_operating_point(run.rounds, rule=config.operating_point, target=config.target_sensitivity)
+    final = with_operating_point(_final(run, recorder, model, evaluator, config.num_server_rounds), point)
     save_bundle(run.bundle_path, exchanged_weights(model), BundleMeta(
         model_config=config.model_config(), preprocess_config=config.preprocess_config(), class_names=CLASS_NAMES,
-        info={"run_dir": str(run.path), "round": max(done, config.num_server_rounds), "final": final,
-              "versions": run.document["versions"]}))
+        info={"run_dir": str(run.path), "round": max(done, config.num_server_rounds),
+              "operating_point": point.to_json() if point is not None else None,
+              "final": _summary(final), "versions": run.document["versions"]}))
     run.finish(final)
 
 
@@ -190,6 +199,11 @@ def _final(run: RunDirectory, recorder: RoundRecorder, model: torch.nn.Module,
     return {"source": "none", "class_names": list(CLASS_NAMES), "round": last_round,
             **{key: None for key in FINAL_METRICS},
             "note": "no held-out test set and no federated evaluation (fraction-evaluate = 0)"}
+
+
+def _summary(final: dict) -> dict:
+    """An eval entry without its score histogram (600 counts: kept once, in the final metrics)."""
+    return {k: v for k, v in final.items() if k != "score_histogram"}
 
 
 def _entry_from_checkpoint(checkpoint) -> dict:

@@ -17,11 +17,16 @@ Layout::
                    "replies": {"train": {sampled, valid, refused, rejected, failed, missing, notes},
                                "evaluate": {...}},
                    "federated_eval": {"num_examples": ..., "eval_loss": ..., "<metric>": ...,
-                                      "confusion_matrix": [[...]]},
+                                      "confusion_matrix": [[...]], "score_histogram"?: {...} (last round)},
                    "centralised_eval": {... same keys, only where a held-out test set is configured}}, ...],
       "final": {"source": "centralised-test" | "federated", "round": N, "class_names": [...],
                 "auc_malignant", "auc_benign_vs_malignant", "accuracy", "precision", "recall", "specificity",
-                "f1_macro", "confusion_matrix": [[...]] (rows = true class, columns = predicted, class_names order)},
+                "f1_macro", "confusion_matrix": [[...]] (rows = true class, columns = arg-max class, class_names
+                order), "score_histogram": {bins, class_names, counts} (common.operating_point.ScoreHistogram),
+                "operating_point": null | {threshold, rule, target, sensitivity, specificity, source} (chosen on
+                the hospitals' validation histograms of the last round), "at_operating_point": {threshold,
+                confusion_matrix, accuracy, precision, recall, sensitivity, specificity, f1_macro}: the decisions
+                the released model makes},
       "privacy": {"<hospital>": {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "steps",
                                  "accountant", "dp", "last_round", "refusals"?, "max_epsilon"?}},
       "config": {<resolved run config, kebab-case keys>},
@@ -38,6 +43,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import platform
@@ -50,8 +56,19 @@ import numpy as np
 
 from common import wire
 from common.metrics import classification_metrics
+from common.operating_point import (
+    BINS,
+    OperatingPoint,
+    ScoreHistogram,
+    choose_operating_point,
+    confusion_at,
+    counts_at,
+)
+from common.operating_point import auc as histogram_auc
 from common.records import CLASS_NAMES
 from server.checkpoints import CheckpointStore
+
+log = logging.getLogger(__name__)
 
 FORMAT = "mammofl-run/1"
 METRICS_FILE = "metrics.json"
@@ -169,6 +186,8 @@ def eval_entry(metrics: Mapping[str, Any]) -> dict:
             has_matrix = True
         elif key == wire.NUM_EXAMPLES:
             entry["num_examples"] = int(value)
+        elif key == wire.SCORE_HISTOGRAM:
+            entry["score_histogram"] = ScoreHistogram.from_flat(value).to_json()
         else:
             entry[key.replace("-", "_")] = value
     if has_matrix:
@@ -179,7 +198,8 @@ def eval_entry(metrics: Mapping[str, Any]) -> dict:
 def outcome_entry(outcome) -> dict:
     """A run-directory eval entry from a `common.evaluation.EvalOutcome` (e.g. a held-out test evaluation)."""
     metrics = {k: v for k, v in outcome.metrics.items() if k not in ("class_order", "n")}
-    return {"num_examples": outcome.num_examples, "eval_loss": outcome.loss, **metrics}
+    return {"num_examples": outcome.num_examples, "eval_loss": outcome.loss, **metrics,
+            "score_histogram": outcome.score_histogram.to_json()}
 
 
 def final_from_federated(entry: Mapping[str, Any]) -> dict:
@@ -192,6 +212,45 @@ def final_from_federated(entry: Mapping[str, Any]) -> dict:
         out.update({k: entry.get(k) for k in ("accuracy", "precision", "recall", "specificity", "f1_macro")},
                    confusion_matrix=None)
     out["auc_source"] = "mean of hospitals' AUCs weighted by their validation images"
+    if entry.get("score_histogram") is not None:  # the pooled histogram gives the pooled malignancy AUC
+        out["score_histogram"] = entry["score_histogram"]
+        out["auc_malignant"] = histogram_auc(ScoreHistogram.from_json(entry["score_histogram"]))
+        out["auc_source"] = ("auc_malignant from the pooled validation score histogram (ties within a bin of "
+                             f"{1 / BINS:g} count one half); auc_benign_vs_malignant: mean of hospitals' AUCs "
+                             "weighted by their validation images")
+    return out
+
+
+def release_operating_point(rounds: list[dict], *, rule: str, target: float) -> OperatingPoint | None:
+    """The operating point chosen on the latest validation score histogram of `rounds` (the hospitals' pooled
+    validation splits; never the test set), or None when there is none or it cannot choose (one class only)."""
+    for entry in reversed(rounds):
+        data = (entry.get("federated_eval") or {}).get("score_histogram")
+        if data is None:
+            continue
+        histogram = ScoreHistogram.from_json(data)
+        try:
+            return choose_operating_point(histogram, rule=rule, target=target,
+                                          source=f"validation splits of the hospitals, round {entry['round']} "
+                                                 f"({histogram.total} images)")
+        except ValueError as error:
+            log.warning("no operating point: %s", error)
+            return None
+    return None
+
+
+def with_operating_point(final: dict, point: OperatingPoint | None) -> dict:
+    """`final` plus ``operating_point`` and, where it has a score histogram, ``at_operating_point``: the decision
+    metrics at the threshold (confusion matrix, accuracy, precision, recall = sensitivity, specificity, f1)."""
+    out = dict(final)
+    out["operating_point"] = point.to_json() if point is not None else None
+    data = final.get("score_histogram")
+    if point is not None and data is not None:
+        histogram = ScoreHistogram.from_json(data)
+        counts = counts_at(histogram, point.threshold)
+        out["at_operating_point"] = {"threshold": point.threshold,
+                                     **metrics_from_confusion(confusion_at(histogram, point.threshold)),
+                                     "sensitivity": counts.sensitivity}
     return out
 
 

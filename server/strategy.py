@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from common import wire
+from common.operating_point import ScoreHistogram
 from common.run_config import RunConfig
 from server.checkpoints import Checkpoint, CheckpointStore
 
@@ -90,8 +91,9 @@ class MammoStrategyMixin:
 
     def __init__(self, *, min_train_replies: int, min_evaluate_replies: int, max_update_norm: float = 0.0,
                  node_wait_timeout: float = 600.0, round_offset: int = 0,
-                 checkpoints: CheckpointStore | None = None, **flower_kwargs):
+                 checkpoints: CheckpointStore | None = None, final_round: int | None = None, **flower_kwargs):
         super().__init__(**flower_kwargs)
+        self.final_round = final_round  # its evaluation also asks for score histograms (the operating point)
         self.min_train_replies = min_train_replies
         self.min_evaluate_replies = min_evaluate_replies
         self.max_update_norm = max_update_norm
@@ -119,6 +121,8 @@ class MammoStrategyMixin:
                            grid: Grid) -> Iterable[Message]:
         if self.fraction_evaluate > 0:
             self._wait_for_nodes(grid, server_round + self.round_offset)
+        if server_round + self.round_offset == self.final_round:
+            config = ConfigRecord({**config, wire.WANT_SCORE_HISTOGRAM: 1})
         messages = list(super().configure_evaluate(server_round + self.round_offset, arrays, config, grid))
         self._sent["evaluate"] = [m.metadata for m in messages]
         return messages
@@ -196,6 +200,16 @@ class MammoStrategyMixin:
             if not _is_count(n) or n <= 0:
                 report.count("rejected", hospital, f"evaluate reply without a positive '{wire.NUM_EXAMPLES}'")
                 continue
+            if wire.SCORE_HISTOGRAM in metrics:
+                try:
+                    histogram = ScoreHistogram.from_flat(metrics[wire.SCORE_HISTOGRAM])
+                except (TypeError, ValueError) as error:
+                    report.count("rejected", hospital, f"'{wire.SCORE_HISTOGRAM}': {error}")
+                    continue
+                if histogram.total != n:
+                    report.count("rejected", hospital, f"'{wire.SCORE_HISTOGRAM}' counts {histogram.total} images, "
+                                                       f"'{wire.NUM_EXAMPLES}' says {int(n)}")
+                    continue
             records.append(metrics)
         report.close(len(records))
         self.evaluate_reports[rnd] = report
@@ -344,6 +358,7 @@ def build_strategy(config: RunConfig, *, checkpoints: CheckpointStore | None = N
         max_update_norm=config.max_update_norm,
         node_wait_timeout=config.round_timeout,
         checkpoints=checkpoints,
+        final_round=config.num_server_rounds,
     )
     if config.distributed_dp:
         from server.secure_aggregation import SecureFedSGD, SecureRoundSettings
@@ -361,7 +376,8 @@ def build_strategy(config: RunConfig, *, checkpoints: CheckpointStore | None = N
 
 
 def aggregate_evaluation(records: list[MetricRecord]) -> MetricRecord:
-    """Combine evaluation replies: confusion counts and examples summed, other metrics example-weighted means.
+    """Combine evaluation replies: confusion counts, score histograms and examples summed, other metrics
+    example-weighted means.
 
     A metric a hospital could not compute (NaN, e.g. an AUC on a split with one class) is left out of that
     metric's mean instead of turning it into NaN; a metric nobody could compute stays NaN.
@@ -373,6 +389,10 @@ def aggregate_evaluation(records: list[MetricRecord]) -> MetricRecord:
     for key in keys:
         if wire.confusion_cell(key) is not None:
             out[key] = int(sum(int(r.get(key, 0)) for r in records))
+            continue
+        if key == wire.SCORE_HISTOGRAM:  # only hospitals that sent one; their counts add up
+            histograms = [ScoreHistogram.from_flat(r[key]) for r in records if key in r]
+            out[key] = sum(histograms[1:], histograms[0]).flat()
             continue
         out[key] = _weighted_mean([(r[key], w) for r, w in zip(records, weights) if key in r])
     return out

@@ -32,7 +32,13 @@ from common.records import CLASS_NAMES
 from common.run_config import NodeConfig, RunConfig
 from common.weights import exchanged_weights
 from server.checkpoints import Checkpoint
-from server.run_directory import RunDirectory, eval_entry, outcome_entry
+from server.run_directory import (
+    RunDirectory,
+    eval_entry,
+    outcome_entry,
+    release_operating_point,
+    with_operating_point,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +70,18 @@ def test_entry(model: torch.nn.Module, test: Dataset) -> dict:
     return outcome_entry(evaluate_local(model, test, device=default_device()))
 
 
-def validation_entry(model: torch.nn.Module, vals: Sequence[Dataset]) -> dict | None:
-    """Validation over the hospitals' splits, aggregated as federated evaluation is (None: no validation data)."""
+def validation_entry(model: torch.nn.Module, vals: Sequence[Dataset], *,
+                     score_histogram: bool = False) -> dict | None:
+    """Validation over the hospitals' splits, aggregated as federated evaluation is (None: no validation data);
+    with `score_histogram`, as in the federation's last round (the operating point is chosen on it)."""
     from client.app import evaluation_reply_metrics
     from server.strategy import aggregate_evaluation
 
     records = []
     for val in vals:
         if len(val):
-            records.append(evaluation_reply_metrics(evaluate_local(model, val, device=default_device())))
+            records.append(evaluation_reply_metrics(evaluate_local(model, val, device=default_device()),
+                                                    score_histogram=score_histogram))
     if not records:
         return None
     return eval_entry(aggregate_evaluation(records))
@@ -104,12 +113,12 @@ def train_baseline(run_dir: RunDirectory, run: RunConfig, *, train: Dataset, val
         steps += outcome.steps
         entry: dict[str, Any] = {"round": rnd, "train_loss": _number(outcome.train_loss),
                                  "epsilon_max": outcome.epsilon}
-        validation = validation_entry(model, vals)
+        validation = validation_entry(model, vals, score_histogram=rnd == run.num_server_rounds)
         if validation is not None:
             entry["federated_eval"] = validation
-        entry["centralised_eval"] = test_entry(model, test)
-        final = {"source": "centralised-test", "class_names": list(CLASS_NAMES), "round": rnd,
-                 **entry["centralised_eval"]}
+        test_metrics = test_entry(model, test)
+        entry["centralised_eval"] = {k: v for k, v in test_metrics.items() if k != "score_histogram"}
+        final = {"source": "centralised-test", "class_names": list(CLASS_NAMES), "round": rnd, **test_metrics}
         privacy = {privacy_name: {"epsilon": outcome.epsilon, "delta": outcome.delta,
                                   "noise_multiplier": outcome.noise_multiplier,
                                   "max_grad_norm": outcome.max_grad_norm, "steps": steps,
@@ -124,9 +133,13 @@ def train_baseline(run_dir: RunDirectory, run: RunConfig, *, train: Dataset, val
                  _fmt(outcome.epsilon))
         if on_round is not None:
             on_round(entry)
+    point = release_operating_point(run_dir.rounds, rule=run.operating_point, target=run.target_sensitivity)
+    final = with_operating_point(final, point)
     save_bundle(run_dir.bundle_path, exchanged_weights(model), BundleMeta(
         model_config=run.model_config(), preprocess_config=run.preprocess_config(), class_names=CLASS_NAMES,
-        info={**info, "run_dir": str(run_dir.path), "round": run.num_server_rounds, "final": final,
+        info={**info, "run_dir": str(run_dir.path), "round": run.num_server_rounds,
+              "operating_point": point.to_json() if point is not None else None,
+              "final": {k: v for k, v in final.items() if k != "score_histogram"},
               "versions": run_dir.document["versions"]}))
     run_dir.finish(final)
     return final

@@ -19,7 +19,9 @@ from common.aggregation import weighted_average
 from common.metrics import classification_metrics
 from common.run_config import RunConfig
 from server.checkpoints import CheckpointStore
-from server.run_directory import eval_entry, final_from_federated
+from common.operating_point import ScoreHistogram, choose_operating_point, decide
+from common.operating_point import auc as histogram_auc
+from server.run_directory import eval_entry, final_from_federated, release_operating_point, with_operating_point
 from server.strategy import TooFewReplies, aggregate_evaluation, build_strategy
 
 GLOBAL = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
@@ -242,3 +244,72 @@ def test_final_metrics_from_federated_counts_match_the_pooled_definitions():
     for key in ("accuracy", "precision", "recall", "specificity", "f1_macro"):
         assert final[key] == pytest.approx(pooled[key]), key
     assert final["auc_malignant"] == pytest.approx(0.7)
+
+
+def _eval_reply(instruction, *, labels, probs, histogram=None):
+    from client.app import evaluation_reply_metrics
+    from common.evaluation import EvalOutcome
+
+    outcome = EvalOutcome(num_examples=len(labels), loss=0.5, metrics=classification_metrics(labels, probs),
+                          score_histogram=ScoreHistogram.of(labels, probs))
+    metrics = evaluation_reply_metrics(outcome, score_histogram=True)
+    if histogram is not None:
+        metrics[wire.SCORE_HISTOGRAM] = histogram
+    return Message(RecordDict({wire.METRICS: metrics}), reply_to=instruction)
+
+
+def test_only_the_final_round_asks_for_score_histograms_and_they_add_up_to_the_pooled_one():
+    rng = np.random.default_rng(5)
+    strategy = build_strategy(_config(**{"num-server-rounds": 2}))
+    grid = NodesGrid((11, 12, 13))
+    first = list(strategy.configure_evaluate(1, _arrays(GLOBAL), ConfigRecord(), grid))
+    assert all(wire.WANT_SCORE_HISTOGRAM not in m.content[wire.CONFIG] for m in first)
+    last = list(strategy.configure_evaluate(2, _arrays(GLOBAL), ConfigRecord(), grid))
+    assert all(m.content[wire.CONFIG][wire.WANT_SCORE_HISTOGRAM] == 1 for m in last)
+    splits = [(rng.integers(0, 3, n), rng.dirichlet([1, 1, 1], n)) for n in (8, 13, 5)]
+    out = strategy.aggregate_evaluate(2, [_eval_reply(m, labels=y, probs=p) for m, (y, p) in zip(last, splits)])
+    pooled = ScoreHistogram.of(np.concatenate([y for y, _ in splits]), np.concatenate([p for _, p in splits]))
+    assert out[wire.SCORE_HISTOGRAM] == pooled.flat()
+    entry = eval_entry(out)
+    assert ScoreHistogram.from_json(entry["score_histogram"]).counts.tolist() == pooled.counts.tolist()
+    final = final_from_federated(entry)
+    assert final["auc_malignant"] == pytest.approx(histogram_auc(pooled))
+
+
+@pytest.mark.parametrize("bad, why", [
+    ([1.5] * 600, "integer counts"),
+    ([0] * 599, "integer counts"),
+    ([1] + [0] * 599, "counts 1 images"),
+])
+def test_a_malformed_score_histogram_is_rejected_not_fatal(bad, why):
+    rng = np.random.default_rng(6)
+    strategy = build_strategy(_config(**{"num-server-rounds": 1}))
+    ins = list(strategy.configure_evaluate(1, _arrays(GLOBAL), ConfigRecord(), NodesGrid((11, 12, 13))))
+    y, p = rng.integers(0, 3, 6), rng.dirichlet([1, 1, 1], 6)
+    replies = [_eval_reply(ins[0], labels=y, probs=p, histogram=bad)] + [
+        _eval_reply(m, labels=y, probs=p) for m in ins[1:]]
+    out = strategy.aggregate_evaluate(1, replies)
+    report = strategy.evaluate_reports[1]
+    assert (report.valid, report.rejected) == (2, 1)
+    assert why in report.notes[0]
+    assert out[wire.NUM_EXAMPLES] == 12
+
+
+def test_release_operating_point_is_chosen_on_validation_and_applied_to_the_final_metrics():
+    rng = np.random.default_rng(7)
+    y_val, p_val = rng.integers(0, 3, 60), rng.dirichlet([1, 1, 1], 60)
+    y_test, p_test = rng.integers(0, 3, 40), rng.dirichlet([1, 1, 1], 40)
+    rounds = [{"round": 1, "federated_eval": {}},
+              {"round": 2, "federated_eval": {"score_histogram": ScoreHistogram.of(y_val, p_val).to_json()}}]
+    point = release_operating_point(rounds, rule="sensitivity", target=0.8)
+    assert point == choose_operating_point(ScoreHistogram.of(y_val, p_val), rule="sensitivity", target=0.8,
+                                           source=point.source)
+    assert "round 2 (60 images)" in point.source
+    final = with_operating_point({"score_histogram": ScoreHistogram.of(y_test, p_test).to_json()}, point)
+    decided = decide(p_test, point.threshold)
+    expected = classification_metrics(y_test, np.eye(3)[decided])
+    assert final["at_operating_point"]["confusion_matrix"] == expected["confusion_matrix"]
+    assert final["at_operating_point"]["recall"] == pytest.approx(expected["recall"])
+    assert final["at_operating_point"]["specificity"] == pytest.approx(expected["specificity"])
+    assert final["operating_point"]["threshold"] == point.threshold
+    assert release_operating_point(rounds[:1], rule="youden", target=0.9) is None

@@ -1,0 +1,123 @@
+"""Operating point from score histograms: every number equals the one computed from the raw probabilities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix, roc_auc_score
+
+from common.operating_point import (
+    BINS,
+    ScoreHistogram,
+    auc,
+    bootstrap_interval,
+    calibration,
+    choose_operating_point,
+    confusion_at,
+    counts_at,
+    decide,
+    precision_recall_curve,
+    roc_curve,
+    score_bin,
+)
+
+
+def _scores(seed: int = 0, n: int = 400):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    probs = rng.dirichlet([1.0, 1.0, 1.0], n)
+    probs[labels == 2, 2] += 0.4
+    probs /= probs.sum(axis=1, keepdims=True)
+    return labels, np.round(probs, 2)  # scores on bin edges and ties included
+
+
+def test_bins_are_half_open_and_the_last_includes_one():
+    assert score_bin([0.0, 0.0099, 0.01, 0.5, 0.999, 1.0]).tolist() == [0, 0, 1, 50, 99, 99]
+    with pytest.raises(ValueError, match="NaN"):
+        score_bin([np.nan])
+
+
+def test_decisions_and_confusion_match_the_raw_scores_at_every_threshold():
+    labels, probs = _scores()
+    histogram = ScoreHistogram.of(labels, probs)
+    assert histogram.total == len(labels)
+    for threshold in np.arange(BINS + 1) / BINS:
+        decided = decide(probs, threshold)
+        assert ((decided == 2) == (probs[:, 2] >= threshold - 1e-12)).all()
+        assert confusion_at(histogram, threshold) == confusion_matrix(labels, decided, labels=[0, 1, 2]).tolist()
+        counts = counts_at(histogram, threshold)
+        assert counts.tp == int(((decided == 2) & (labels == 2)).sum())
+        assert counts.fp == int(((decided == 2) & (labels != 2)).sum())
+
+
+def test_below_the_threshold_the_more_probable_of_normal_and_benign_is_decided():
+    probs = np.array([[0.5, 0.2, 0.3], [0.2, 0.5, 0.3], [0.35, 0.35, 0.3], [0.1, 0.1, 0.8]])
+    assert decide(probs, 0.5).tolist() == [0, 1, 0, 2]
+    assert decide(probs, 0.3).tolist() == [2, 2, 2, 2]
+
+
+def test_auc_equals_sklearn_when_scores_sit_in_distinct_bins():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, 60)
+    p_malignant = (rng.permutation(BINS)[:60] + 0.5) / BINS  # one image per bin: no ties within a bin
+    probs = np.stack([(1 - p_malignant) / 2, (1 - p_malignant) / 2, p_malignant], axis=1)
+    histogram = ScoreHistogram.of(labels, probs)
+    assert auc(histogram) == pytest.approx(roc_auc_score(labels == 2, p_malignant), abs=1e-12)
+    fpr, tpr = roc_curve(histogram)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+
+
+def test_sensitivity_rule_takes_the_highest_threshold_reaching_the_target():
+    labels, probs = _scores(1)
+    histogram = ScoreHistogram.of(labels, probs)
+    point = choose_operating_point(histogram, rule="sensitivity", target=0.9, source="test")
+    sensitivity = lambda t: ((probs[:, 2] >= t - 1e-12) & (labels == 2)).sum() / (labels == 2).sum()  # noqa: E731
+    assert sensitivity(point.threshold) >= 0.9 > sensitivity(point.threshold + 1 / BINS)
+    assert point.sensitivity == pytest.approx(sensitivity(point.threshold))
+    assert (point.rule, point.target, point.source) == ("sensitivity", 0.9, "test")
+
+
+def test_youden_rule_maximises_sensitivity_plus_specificity():
+    labels, probs = _scores(2)
+    histogram = ScoreHistogram.of(labels, probs)
+    point = choose_operating_point(histogram, rule="youden")
+    j = [(c.sensitivity + c.specificity - 1) for c in (counts_at(histogram, t) for t in np.arange(BINS + 1) / BINS)]
+    assert point.sensitivity + point.specificity - 1 == pytest.approx(max(j))
+    assert point.target is None
+
+
+def test_choice_needs_both_classes_and_a_known_rule():
+    only_normal = ScoreHistogram.of([0, 0], [[0.9, 0.05, 0.05], [0.8, 0.1, 0.1]])
+    with pytest.raises(ValueError, match="malignant and non-malignant"):
+        choose_operating_point(only_normal)
+    with pytest.raises(ValueError, match="rule"):
+        choose_operating_point(ScoreHistogram.of(*_scores()), rule="argmax")
+
+
+def test_histograms_add_up_and_round_trip():
+    labels, probs = _scores()
+    whole = ScoreHistogram.of(labels, probs)
+    halves = ScoreHistogram.of(labels[:150], probs[:150]) + ScoreHistogram.of(labels[150:], probs[150:])
+    assert (whole.counts == halves.counts).all()
+    assert (ScoreHistogram.from_flat(whole.flat()).counts == whole.counts).all()
+    assert (ScoreHistogram.from_json(whole.to_json()).counts == whole.counts).all()
+    for bad in ([1.5] * 600, [1] * 599, [float("nan")] * 600):
+        with pytest.raises(ValueError):
+            ScoreHistogram.from_flat(bad)
+    with pytest.raises(ValueError, match=">= 0"):
+        ScoreHistogram(-whole.counts)
+
+
+def test_precision_recall_calibration_and_bootstrap():
+    labels, probs = _scores()
+    histogram = ScoreHistogram.of(labels, probs)
+    recall, precision = precision_recall_curve(histogram)
+    assert recall[-1] == 1.0 and precision[-1] == pytest.approx((labels == 2).mean())
+    predicted, observed, sizes = calibration(histogram, groups=10)
+    assert sizes.sum() == len(labels)
+    first = probs[:, 2] < 0.1
+    assert observed[0] == pytest.approx((labels[first] == 2).mean())
+    low, high = bootstrap_interval(histogram, auc, resamples=200, seed=1)
+    assert low < auc(histogram) < high
+    assert bootstrap_interval(ScoreHistogram.empty(), auc) is None
