@@ -38,7 +38,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from common import wire
 from common.distributed_dp import SecureSumError, SecureSumRange
-from common.run_config import ConfigError, NodeConfig, RunConfig
+from common.run_config import EXPLANATION_METHODS, ConfigError, NodeConfig, RunConfig
 
 if TYPE_CHECKING:
     from client.node import TrainResult
@@ -141,7 +141,36 @@ def make_client_app(*, overrides: Mapping[str, Any] | None = None,
         metrics = evaluation_reply_metrics(outcome, score_histogram=bool(config.get(wire.WANT_SCORE_HISTOGRAM)))
         return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
 
+    @client_app.query()
+    @_confined("explanation")
+    def query(msg: Message, context: Context) -> Message:
+        import torch
+
+        from client.explanation_round import explain_round
+
+        torch.set_num_threads(1)
+        run, node = configs(context)
+        methods = tuple(m for m in str(msg.content[wire.CONFIG][wire.EXPLAIN_METHODS]).split(",") if m)
+        unknown = [m for m in methods if m not in EXPLANATION_METHODS]
+        if unknown:
+            raise ConfigError(f"'{wire.EXPLAIN_METHODS}': unknown method(s) {unknown}")
+        tally = explain_round(run=run, node=node, global_weights=_weights(msg), methods=methods,
+                              run_id=str(context.run_id))
+        return Message(RecordDict({wire.METRICS: explanation_reply_metrics(tally, node)}), reply_to=msg)
+
     return client_app
+
+
+def explanation_reply_metrics(tally, node: NodeConfig) -> MetricRecord:
+    """The numbers a query (explanation) reply carries: counts and sums, no per-image value."""
+    metrics: dict[str, float | int] = {wire.EXPLAINED_IMAGES: int(tally.images),
+                                       wire.EXPLAIN_BASELINE_SUM: float(tally.baseline_sum)}
+    for method in tally.methods:
+        metrics[wire.explain_key(method, "hits")] = int(tally.hits.get(method, 0))
+        metrics[wire.explain_key(method, "mass-sum")] = float(tally.mass_sum.get(method, 0.0))
+    if node.partition_id is not None:
+        metrics[wire.PARTITION_ID] = int(node.partition_id)
+    return MetricRecord(metrics)
 
 
 _LEGACY_FITINS = "fitins.parameters"  # a legacy (SecAgg+) training instruction's ArrayRecord

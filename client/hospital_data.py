@@ -59,6 +59,7 @@ class HospitalData:
     n_val_images: int
     n_patients: int
     n_skipped: int  # files that could not be decoded
+    val_images: tuple[LabelledImage, ...] = ()  # the validation split's images and annotations (explanations)
 
 
 def hospital_records(node: NodeConfig, run: RunConfig) -> list[ImageRecord]:
@@ -139,7 +140,8 @@ def load_hospital(node: NodeConfig, run: RunConfig) -> HospitalData:
     log.info("hospital data: %d train / %d validation images, %d patients", len(train), len(val),
              len({r.patient_id for r in records}))
     return HospitalData(train=train_set, val=val_set, n_train_images=len(train), n_val_images=len(val),
-                        n_patients=len({r.patient_id for r in records}), n_skipped=skipped_train + skipped_val)
+                        n_patients=len({r.patient_id for r in records}), n_skipped=skipped_train + skipped_val,
+                        val_images=tuple(labelled_image(p) for p in val))
 
 
 def held_out_test_set(run: RunConfig, *, cache_dir: Path):

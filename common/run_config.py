@@ -27,6 +27,8 @@ ACCOUNTANTS = ("rdp", "prv")
 PARTITION_SCHEMES = ("iid", "dirichlet", "tissue")
 POOLINGS = ("classwise", "abnormal")
 DP_MODES = ("auto", "local", "distributed")
+#: Explanation methods of ``common.explanations.METHODS`` (a test keeps the two equal; captum is not imported here).
+EXPLANATION_METHODS = ("cell_scores", "gradcam", "integrated_gradients", "occlusion")
 
 
 class ConfigError(ValueError):
@@ -69,6 +71,10 @@ class RunConfig:
                                 "target-sensitivity) or youden", choices=OPERATING_POINT_RULES)
     target_sensitivity: float = _opt(0.9, "operating-point sensitivity: the malignancy sensitivity to reach",
                                      low=0.0, high=1.0, low_open=True)
+    explain_methods: str = _opt("cell_scores,gradcam", "after the last round every hospital explains the global "
+                                "model on its validation images with these methods (comma-separated: cell_scores, "
+                                "gradcam, integrated_gradients, occlusion; empty = none); only localisation "
+                                "counts return")
     # ------------------------------------------------------------ model and local training
     model: str = _opt("effnet_head", "model kind: cnn (trained end to end), effnet_head (frozen pretrained "
                       "features per cell + DP head), effnet_finetune (last blocks trainable)", choices=MODEL_KINDS)
@@ -121,6 +127,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_value(f.name, getattr(self, f.name), f)
+        unknown = [m for m in self.explain_method_names if m not in EXPLANATION_METHODS]
+        if unknown:
+            raise ConfigError(f"run config 'explain-methods': unknown method(s) {unknown}; known: "
+                              f"{', '.join(EXPLANATION_METHODS)}")
         if self.image_size % 32:
             raise ConfigError(f"run config 'image-size': must be a multiple of 32, got {self.image_size}")
         if self.feature_layer != "head" and not (self.feature_layer.startswith("block")
@@ -202,6 +212,11 @@ class RunConfig:
         return ModelConfig(kind=self.model, image_size=self.image_size, top_k=self.top_k, pooling=self.pooling,
                            feature_layer=self.feature_layer, input_norm=self.input_norm,
                            finetune_from=self.finetune_from, head_hidden=self.head_hidden)
+
+    @property
+    def explain_method_names(self) -> tuple[str, ...]:
+        """`explain-methods` as a tuple of names (empty: no federated explanations)."""
+        return tuple(m.strip() for m in self.explain_methods.split(",") if m.strip())
 
     @property
     def distributed_dp(self) -> bool:

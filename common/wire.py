@@ -54,6 +54,21 @@ REFUSED = "refused"  # 1.0 in a refusal reply, 0.0 otherwise
 PARTITION_ID = "partition-id"  # simulation only: which virtual hospital replied (a number, never a name)
 MAX_EPSILON = "max-epsilon"  # the node's own budget (reported with a refusal)
 
+# ---------------------------------------------------------------- federated explanations (query messages)
+#: Query instruction: ``{ARRAYS: global weights, CONFIG: {EXPLAIN_METHODS: "cell_scores,gradcam"}}``. The node
+#: explains the model on its own validation images that carry lesion annotations; heatmaps stay on its disk.
+#: Reply: ``{METRICS: {EXPLAINED_IMAGES, EXPLAIN_BASELINE_SUM, explain_key(method, "hits"|"mass-sum") ...}}``:
+#: counts and sums over images (rates are formed at the coordinator from the pooled sums).
+EXPLAIN_METHODS = "explain-methods"
+EXPLAINED_IMAGES = "explained-images"  # images with a lesion annotation that were explained
+EXPLAIN_BASELINE_SUM = "explain-baseline-sum"  # sum over images of the lesion's share of the breast area
+
+
+def explain_key(method: str, quantity: str) -> str:
+    """Reply metric of one method: "hits" (pointing game) or "mass-sum" (attribution share inside the lesion)."""
+    return f"explain-{method}-{quantity}"
+
+
 # ---------------------------------------------------------------- refusal record
 REASON = "reason"
 

@@ -36,6 +36,7 @@ from server.run_directory import (
     release_operating_point,
     with_operating_point,
 )
+from server.federated_explanations import request_explanations
 from server.strategy import MammoStrategyMixin, build_strategy
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,9 @@ def _run(grid: Grid, config: RunConfig, run: RunDirectory,
         log.warning("run already has %d rounds (num-server-rounds = %d): nothing to train",
                     done, config.num_server_rounds)
     load_weights(model, weights, source="final global model")
+    if config.explain_method_names:
+        run.document["explanations"] = _explanations(grid, weights, config)
+        run.flush()
     point = release_operating_point(run.rounds, rule=config.operating_point, target=config.target_sensitivity)
     final = with_operating_point(_final(run, recorder, model, evaluator, config.num_server_rounds), point)
     save_bundle(run.bundle_path, exchanged_weights(model), BundleMeta(
@@ -199,6 +203,25 @@ def _final(run: RunDirectory, recorder: RoundRecorder, model: torch.nn.Module,
     return {"source": "none", "class_names": list(CLASS_NAMES), "round": last_round,
             **{key: None for key in FINAL_METRICS},
             "note": "no held-out test set and no federated evaluation (fraction-evaluate = 0)"}
+
+
+def _explanations(grid: Grid, weights: dict[str, np.ndarray], config: RunConfig) -> dict:
+    """Federated explanations of the final model (``server.federated_explanations``); a failure is recorded,
+    not raised: the trained model and its evaluation stand without them."""
+    try:
+        summary = request_explanations(grid, weights, config.explain_method_names, timeout=config.round_timeout)
+    except Exception as error:  # noqa: BLE001 - recorded in the run directory and the log
+        log.warning("federated explanations failed: %s: %s", type(error).__name__, error)
+        return {"methods": list(config.explain_method_names), "error": f"{type(error).__name__}: {error}"}
+    for method, rates in summary["per_method"].items():
+        log.info("explanations (%d images): %s pointing game %s, mass inside %s, random baseline %s",
+                 summary["images"], method, _fmt(rates["pointing_game"]), _fmt(rates["mass_inside"]),
+                 _fmt(rates["random_baseline"]))
+    return summary
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _summary(final: dict) -> dict:

@@ -29,6 +29,9 @@ Layout::
                 the released model makes},
       "privacy": {"<hospital>": {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "steps",
                                  "accountant", "dp", "last_round", "refusals"?, "max_epsilon"?}},
+      "explanations": {"methods", "images", "hospitals": {name: {"images"} | {"error"}}, "per_method": {method:
+                       {"pointing_game", "mass_inside", "random_baseline"}}, "notes", "asked"}
+                      (server.federated_explanations; only where run config explain-methods is set),
       "config": {<resolved run config, kebab-case keys>},
       "versions": {"python", "torch", "flwr", "opacus", "mammo-fl"},
       "resumed": [{"from_round": k, "at": "<UTC time>"}]
