@@ -139,6 +139,7 @@ def run_mode(request: SimulationRequest, *, live: bool = False) -> SimulationRes
     total = request.config.run.num_server_rounds
     with _live_display(request, total, enabled=live):
         result = runner(request)
+    write_outputs(request.run, result)
     result = replace(result, seconds=time.monotonic() - started)
     log.info("%s run completed in %.0f s: %s", request.mode, result.seconds, result.run_dir)
     return result
@@ -309,6 +310,26 @@ def check_run_directory(run_dir: Path, *, rounds: int, hospitals: int | None, dp
     if problems:
         raise SimulationError(f"run in {run_dir} is incomplete: " + "; ".join(problems))
     return document
+
+
+def write_outputs(run: RunConfig, result: SimulationResult) -> None:
+    """After a completed run: the gallery of explained test predictions and ``report.html`` (with its PNG
+    figures) in the run directory, and in each local baseline hospital's directory. A failure here is logged,
+    never raised: the run and its model are complete without them."""
+    from server.report import build_report
+    from simulations.gallery import write_gallery
+
+    for run_dir, bundle in ((result.run_dir, result.run_dir / BUNDLE_FILE),
+                            *((p, p / BUNDLE_FILE) for p in result.sub_runs)):
+        if bundle.is_file() and not result.sub_runs:
+            try:
+                write_gallery(run_dir, run, bundle)
+            except Exception as error:  # noqa: BLE001 - reported, the run stands
+                log.warning("no gallery in %s: %s: %s", run_dir, type(error).__name__, error)
+        try:
+            log.info("report: %s", build_report(run_dir))
+        except Exception as error:  # noqa: BLE001 - reported, the run stands
+            log.warning("no report in %s: %s: %s", run_dir, type(error).__name__, error)
 
 
 # ---------------------------------------------------------------- internals
