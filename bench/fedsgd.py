@@ -181,6 +181,8 @@ def _fast_rounds(model: nn.Module, data: CellDataset, sites: list[list[int]], co
         for p in params:
             p.grad, p.grad_sample = None, None
         wrapped._close()
+    if config.noise_multiplier == 0:  # no noise: no privacy guarantee to account for
+        return FedSGDOutcome([{} for _ in sites], [math.inf] * len(sites))
     accountant = PrivacyAccountant(config.accountant)  # every hospital: the same (noise, rate, steps)
     accountant.step(noise_multiplier=config.noise_multiplier, sample_rate=rate, steps=config.rounds)
     epsilon = constant_epsilon(config.accountant, config.noise_multiplier, rate, config.rounds, config.delta)

@@ -20,7 +20,12 @@ Rows (model: the `demo` preset's, `--set` overrides it; all DP rows: clip 1, RDP
   (`common.partitioning.partition_patients`), one DP-SGD step per hospital per round at the same rate q, each
   adding the full sigma (`dp-mode` local);
 - ``distributed noise``: the same, each hospital adding sigma / sqrt(n), so that only the sum carries sigma
-  (secure aggregation, no dropouts).
+  (secure aggregation, no dropouts);
+- ``FedSGD, no DP``: the same FedSGD without noise and without clipping (the federated reference);
+- ``each hospital alone``: the n hospitals never federate: each trains its own model on its own share with
+  `train_local` (DP-SGD at the same rate q and sigma, or DP off), each model scores every test image; the row's
+  AUC for a seed is the mean over hospitals of each hospital's pooled AUC (what a hospital gets without the
+  federation).
 
 Every row at epsilon e uses the same sigma: the noise multiplier for which (sigma, q, rounds) gives epsilon e
 (`calibrate_noise`). For centralised and local noise that is each hospital's own epsilon; for distributed noise it
@@ -76,10 +81,11 @@ from common.splits import kfold_patients
 from simulations.presets import resolve
 
 MALIGNANT = CLASS_NAMES.index("malignant")
-MODES = ("logreg", "nodp", "centralised", "local", "distributed")
+MODES = ("logreg", "nodp", "centralised", "local", "distributed", "fednodp", "isolated")
 MODE_NAMES = {"logreg": "pooled head features + logreg", "nodp": "centralised, no DP",
               "centralised": "centralised DP-SGD", "local": "FedSGD, local noise",
-              "distributed": "FedSGD, distributed noise"}
+              "distributed": "FedSGD, distributed noise", "fednodp": "FedSGD, no DP",
+              "isolated": "each hospital alone"}
 DELTA = 1e-5
 ACCOUNTANT = "rdp"
 
@@ -204,12 +210,30 @@ def federated_scores(row: Row, schedule: Schedule, sigma: float, model_config: M
     sites = hospitals_for(prepared, train_idx, hospitals=row.hospitals, seed=seed)
     torch.manual_seed(seed)
     model = build_model(model_config)
+    private = sigma is not None
     config = FedSGDConfig(rounds=schedule.rounds, steps_per_epoch=schedule.steps_per_epoch,
-                          learning_rate=schedule.learning_rate, noise_multiplier=site_noise(row, sigma),
-                          max_grad_norm=schedule.max_grad_norm, cell_loss_weight=row.cell_loss_weight,
-                          delta=DELTA, accountant=ACCOUNTANT)
+                          learning_rate=schedule.learning_rate,
+                          noise_multiplier=site_noise(row, sigma) if private else 0.0,
+                          max_grad_norm=schedule.max_grad_norm if private else math.inf,
+                          cell_loss_weight=row.cell_loss_weight, delta=DELTA, accountant=ACCOUNTANT)
     outcome = fedsgd(model, data, sites, config=config, seed=seed, engine=engine)
-    return _malignancy(model, data, test_idx), max(outcome.epsilons)
+    return _malignancy(model, data, test_idx), max(outcome.epsilons) if private else None
+
+
+def isolated_scores(row: Row, schedule: Schedule, sigma: float | None, model_config: ModelConfig,
+                    data: CellDataset, prepared: Sequence[PreparedImage], train_idx: list[int],
+                    test_idx: list[int], seed: int) -> tuple[np.ndarray, float | None]:
+    """Each of `row.hospitals` hospitals trains alone (as `centralised_scores` on its share); (test images,
+    hospitals) scores and the largest hospital epsilon."""
+    sites = hospitals_for(prepared, train_idx, hospitals=row.hospitals, seed=seed)
+    columns, epsilons = [], []
+    for k, site in enumerate(sites):
+        scores, epsilon = centralised_scores(row, schedule, sigma, model_config, data, site, test_idx,
+                                             seed * 1000 + k)
+        columns.append(scores)
+        if epsilon is not None:
+            epsilons.append(epsilon)
+    return np.stack(columns, axis=1), max(epsilons) if epsilons else None
 
 
 def logreg_scores(pooled: np.ndarray, labels: np.ndarray, train_idx: list[int], test_idx: list[int],
@@ -230,6 +254,8 @@ def evaluate(row: Row, schedule: Schedule, model_config: ModelConfig, data: Cell
     def score(train_idx: list[int], test_idx: list[int], seed: int) -> tuple[np.ndarray, float | None]:
         if pooled is not None:
             return logreg_scores(pooled, labels, train_idx, test_idx, seed)
+        if row.mode == "isolated":
+            return isolated_scores(row, schedule, sigma, model_config, data, prepared, train_idx, test_idx, seed)
         if row.hospitals == 0:
             return centralised_scores(row, schedule, sigma, model_config, data, train_idx, test_idx, seed)
         return federated_scores(row, schedule, sigma, model_config, data, prepared, train_idx, test_idx, seed,
@@ -237,13 +263,15 @@ def evaluate(row: Row, schedule: Schedule, model_config: ModelConfig, data: Cell
 
     aucs, reported = [], []
     start = time.perf_counter()
+    models = row.hospitals if row.mode == "isolated" else 1  # score columns: one per model
     for seed in seeds:
-        scores = np.zeros(len(labels))
+        scores = np.zeros((len(labels), models))
         for fold, (train_idx, test_idx) in enumerate(folds_for(prepared, k=k, seed=seed)):
-            scores[test_idx], epsilon = score(train_idx, test_idx, fold_seed(seed, fold))
+            fold_scores, epsilon = score(train_idx, test_idx, fold_seed(seed, fold))
+            scores[test_idx] = np.asarray(fold_scores).reshape(len(test_idx), models)
             if epsilon is not None:
                 reported.append(epsilon)
-        aucs.append(float(roc_auc_score(labels == MALIGNANT, scores)))
+        aucs.append(float(np.mean([roc_auc_score(labels == MALIGNANT, scores[:, m]) for m in range(models)])))
     out = {"name": row.name, **asdict(row), "seeds": list(seeds), "aucs": aucs,
            "seconds": time.perf_counter() - start, "noise_multiplier_sum": sigma,
            "noise_multiplier_site": None if sigma is None else site_noise(row, sigma),
@@ -268,6 +296,9 @@ def rows_for(args: argparse.Namespace) -> list[Row]:
             out.append(Row("centralised", epsilon=eps, cell_loss_weight=weight))
             for n in args.hospitals:
                 out += [Row("distributed", n, eps, weight), Row("local", n, eps, weight)]
+            out += [Row("isolated", n, eps, weight) for n in args.isolated]
+        out += [Row("fednodp", n, cell_loss_weight=weight) for n in args.isolated]
+        out += [Row("isolated", n, cell_loss_weight=weight) for n in args.isolated]
     return [r for r in out if args.only is None or r.mode in args.only]
 
 
@@ -296,8 +327,9 @@ HEADER = (f"{'row':<58} {'AUC ± s.e.':>14} {'Δ vs central':>15} {'ε':>7} {'ε
 
 
 def row_order(result: dict) -> tuple:
-    """Table order: references, then per cell-loss weight and epsilon: centralised, then per n distributed, local."""
-    reference = {"logreg": 0, "nodp": 1}.get(result["mode"], 2)
+    """Table order: references and rows without DP, then per cell-loss weight and epsilon: centralised, then per n
+    distributed, local, each hospital alone."""
+    reference = 0 if result["mode"] == "logreg" else 1 if result["epsilon"] is None else 2
     return (reference, result["cell_loss_weight"], result["epsilon"] or 0.0, result["hospitals"],
             MODES.index(result["mode"]))
 
@@ -315,14 +347,15 @@ def plot(results: Sequence[dict], path: Path) -> None:
             lines.setdefault((r["mode"], r["hospitals"], r["cell_loss_weight"]), []).append(r)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     colours = {0: "black", 3: "tab:blue", 6: "tab:orange", 10: "tab:green"}
-    styles = {"centralised": "-", "distributed": "-", "local": "--"}
-    markers = {"centralised": "s", "distributed": "o", "local": "^"}
+    styles = {"centralised": "-", "distributed": "-", "local": "--", "isolated": ":"}
+    markers = {"centralised": "s", "distributed": "o", "local": "^", "isolated": "v"}
     ordered = sorted(lines.items(), key=lambda item: (item[0][2], item[0][1], item[0][0]))
     for position, ((mode, n, weight), points) in enumerate(ordered):
         points = sorted(points, key=lambda r: r["epsilon"])
         dodge = 1 + 0.012 * (position - (len(ordered) - 1) / 2)  # side by side, so error bars stay readable
         stats = [mean_se(r["aucs"]) for r in points]
-        label = "centralised" if mode == "centralised" else f"{n} hospitals, {mode} noise"
+        label = ("centralised" if mode == "centralised" else f"each of {n} hospitals alone" if mode == "isolated"
+                 else f"{n} hospitals, {mode} noise")
         if len(weights) > 1:
             label += f", cell weight {weight:g}"
         ax.errorbar([r["epsilon"] * dodge for r in points], [m for m, _ in stats], yerr=[s for _, s in stats],
@@ -376,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0],
                         help="epsilon targets (delta 1e-5, RDP) per hospital; distributed noise: of the sum")
     parser.add_argument("--hospitals", type=int, nargs="+", default=[3, 6, 10], help="IID hospital counts")
+    parser.add_argument("--isolated", type=int, nargs="*", default=[3],
+                        help="hospital counts of the 'each hospital alone' and 'FedSGD, no DP' rows")
     parser.add_argument("--rounds", type=int, default=80, help="FedSGD rounds = centralised steps")
     parser.add_argument("--steps-per-epoch", type=int, default=4,
                         help="Poisson sample rate 1 / this, at every site and centrally")
