@@ -1,8 +1,8 @@
 """`mammofl-sim`: simulate a federation of virtual hospitals on one machine, and its baselines.
 
 Thin: each command resolves a typed config (``simulations.presets``) and calls a plain function
-(``simulations.run``, ``simulations.partition_plot``, ``server.report``). Heavy imports (torch, Flower, Ray) happen only inside the
-commands that need them, so ``--help`` and config errors are instant.
+(``simulations.run``, ``simulations.partition_plot``, ``server.report``). Heavy imports (torch, Flower, Ray)
+happen only inside the commands that need them, so ``--help`` and config errors are instant.
 
 Exit codes: 0 the run completed and wrote its run directory; 1 the run failed (the run directory says why);
 2 bad input (unknown preset or key, bad value, missing data folder, a folder that is no run directory).
