@@ -88,12 +88,20 @@ class _Run:
     @property
     def rounds(self) -> list[dict]:
         rounds = self.document.get("rounds")
-        return [r for r in rounds if isinstance(r, dict) and "round" in r] if isinstance(rounds, list) else []
+        if not isinstance(rounds, list):
+            return []
+        return [r for r in rounds if isinstance(r, dict) and _is_number(r.get("round"))]
 
     @property
     def privacy(self) -> dict[str, dict]:
         privacy = self.document.get("privacy")
         return {str(k): v for k, v in privacy.items() if isinstance(v, dict)} if isinstance(privacy, dict) else {}
+
+    @property
+    def simulation_section(self) -> dict:
+        """``metrics.json`` ``simulation`` (preset, num-hospitals, mode); empty for a deployment."""
+        sim = self.document.get("simulation")
+        return sim if isinstance(sim, dict) else {}
 
     @property
     def config(self) -> dict:
@@ -173,7 +181,7 @@ def _operating_point(run: _Run) -> tuple[op.OperatingPoint | None, str | None]:
 
 # ---------------------------------------------------------------- the page
 def _page(run: _Run) -> h.Page:
-    sim = run.document.get("simulation") if isinstance(run.document.get("simulation"), dict) else {}
+    sim = run.simulation_section
     what = ", ".join(str(x) for x in (sim.get("mode"), sim.get("preset") and f"preset {sim['preset']}") if x)
     page = h.Page(title=f"MammoFL run report: {run.path.name}",
                   subtitle=f"{run.path}" + (f" ({what})" if what else ""),
@@ -185,7 +193,7 @@ def _page(run: _Run) -> h.Page:
     page.section("Run", _run_summary(run))
     page.section("Training curves", _curves(run))
     page.section("Final metrics", _final_metrics(run, histogram, histogram_problem, point))
-    page.section("Confusion matrix at the operating point", _confusion(run, histogram, point, point_problem))
+    page.section("Confusion matrix at the operating point", _confusion(run, point, point_problem))
     page.section("ROC and precision-recall", _roc_pr(run, histogram, histogram_problem, point))
     page.section("Calibration", _calibration(run, histogram, histogram_problem))
     page.section("Hospitals", _hospitals(run))
@@ -196,8 +204,7 @@ def _page(run: _Run) -> h.Page:
 
 
 def _run_summary(run: _Run) -> h.Markup:
-    doc, config = run.document, run.config
-    sim = doc.get("simulation") if isinstance(doc.get("simulation"), dict) else {}
+    doc, config, sim = run.document, run.config, run.simulation_section
     rounds = run.rounds
     status = doc.get("status")
     parts = []
@@ -316,8 +323,7 @@ def _binary_accuracy(counts: op.BinaryCounts) -> float | None:
     return None if n == 0 else (counts.tp + counts.tn) / n
 
 
-def _confusion(run: _Run, histogram: op.ScoreHistogram | None, point: op.OperatingPoint | None,
-               point_problem: str | None) -> h.Markup:
+def _confusion(run: _Run, point: op.OperatingPoint | None, point_problem: str | None) -> h.Markup:
     final, names = run.final, run.class_names
     if not final:
         return h.notice("metrics.json has no final metrics (the run did not complete).")
@@ -548,7 +554,7 @@ def _gallery_caption(entry: dict) -> h.Markup:
 
 def _model_card(run: _Run, point: op.OperatingPoint | None) -> h.Markup:
     config, privacy = run.config, run.privacy
-    simulated = run.simulation is not None or isinstance(run.document.get("simulation"), dict)
+    simulated = run.simulation is not None or bool(run.simulation_section)
     epsilons = [p["epsilon"] for p in privacy.values() if _is_number(p.get("epsilon"))]
     deltas = sorted({p["delta"] for p in privacy.values() if _is_number(p.get("delta"))})
     accountants = sorted({str(p["accountant"]) for p in privacy.values() if p.get("accountant")})
@@ -568,13 +574,7 @@ def _model_card(run: _Run, point: op.OperatingPoint | None) -> h.Markup:
             f"hospital's own noise alone gives ε = {max(own):.2f}." if own and max(own) > max(epsilons) else "")
     else:
         guarantee = h.notice("metrics.json records no ε (no privacy section): the guarantee cannot be stated.")
-    data = (f"Simulation: the public mini-MIAS database (digitised screen-film mammograms, 322 images, 161 "
-            f"patients) cut by patient into {_text((run.simulation or {}).get('num-hospitals'))} virtual hospitals "
-            f"(partition scheme {_text(config.get('sim-partition'))}), "
-            f"{_text(config.get('sim-test-fraction'))} of the patients held out for testing."
-            if simulated else
-            "Each hospital's own mammograms, which never left the hospital; the coordinator saw only clipped, "
-            "noised model updates and aggregate numbers.")
+    data = _data_description(run, simulated)
     return h.definition_list([
         ("model", f"{_text(config.get('model'))}, {_text(config.get('image-size'))}-pixel preprocessed images, "
                   f"three classes ({', '.join(run.class_names)}); trained by {_text(config.get('strategy'))} "
@@ -601,29 +601,50 @@ def _model_card(run: _Run, point: op.OperatingPoint | None) -> h.Markup:
     ])
 
 
+def _data_description(run: _Run, simulated: bool) -> str:
+    if not simulated:
+        return ("Each hospital's own mammograms, which never left the hospital; the coordinator saw only clipped, "
+                "noised model updates and aggregate numbers.")
+    config = run.config
+    hospitals = (run.simulation or {}).get("num-hospitals", run.simulation_section.get("num-hospitals"))
+    limit = config.get("sim-max-patients")
+    used = f", {limit} patients used" if _is_number(limit) and limit > 0 else ""
+    return (f"Simulation: the public mini-MIAS database (digitised screen-film mammograms, 322 images of 161 "
+            f"patients) cut by patient into {_text(hospitals)} virtual hospitals (partition scheme "
+            f"{_text(config.get('sim-partition'))}{used}); {_text(config.get('sim-test-fraction'))} of the patients "
+            f"held out for testing.")
+
+
 # ---------------------------------------------------------------- writing
 def _write(run_dir: Path, text: str, figures: Mapping[str, bytes]) -> None:
     """Replace ``figures/`` and ``report.html`` by the new ones, each through a temporary sibling."""
     staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".figures."))
-    os.chmod(staging, 0o755)
     page_fd, page_tmp = tempfile.mkstemp(dir=run_dir, prefix=".report.", suffix=".tmp")
-    old = run_dir / f".figures.old.{os.getpid()}"
+    target, old = run_dir / FIGURE_DIR, run_dir / f".figures.old.{os.getpid()}"
     try:
+        os.chmod(staging, 0o755)
         for key, png in figures.items():
             (staging / FIGURE_FILES[key]).write_bytes(png)
         with os.fdopen(page_fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        target = run_dir / FIGURE_DIR
+        os.chmod(page_tmp, 0o644)
         if target.exists():
             os.replace(target, old)
-        os.replace(staging, target)
-        os.chmod(page_tmp, 0o644)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if old.exists() and not target.exists():
+                os.replace(old, target)  # put the previous figures back
+            raise
         os.replace(page_tmp, run_dir / REPORT_FILE)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        for leftover in (staging, old):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
         Path(page_tmp).unlink(missing_ok=True)
 
 

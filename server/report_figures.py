@@ -47,7 +47,8 @@ def round_curves(rounds: Sequence[dict]) -> bytes:
     for ax, title, series in panels:
         drawn = 0
         for label, colour, values in series:
-            y = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+            y = np.array([float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan
+                          for v in values], dtype=np.float64)
             if np.isfinite(y).any():
                 ax.plot(x, y, color=colour, label=label, marker="o" if len(x) <= 20 else None, markersize=3)
                 drawn += 1

@@ -223,6 +223,23 @@ def test_unusable_inputs_are_reported_in_their_section(tmp_path):
     assert len(images(parts["gallery-of-test-predictions"])) == 1
 
 
+def test_values_of_the_wrong_type_never_crash_the_report(tmp_path):
+    junk = {"format": "mammofl-run/1", "status": 3, "error": ["x"], "simulation": "x", "config": [],
+            "rounds": [{"round": "one"}, {"round": 1, "train_loss": "abc", "epsilon_max": True, "replies": "x",
+                                          "federated_eval": {"eval_loss": "high", "auc_malignant": None}}, 7],
+            "final": {"confusion_matrix": [["a", "b", "c"]] * 3, "score_histogram": "x", "operating_point": [],
+                      "at_operating_point": "x", "class_names": "normal"},
+            "privacy": {"partition-0": {"epsilon": "a lot", "delta": None}, "partition-1": "x"}}
+    (tmp_path / "metrics.json").write_text(json.dumps(junk))
+    text = build_report(tmp_path).read_text(encoding="utf-8")
+    parts = sections(text)
+    assert list(parts) == SECTIONS
+    assert "rounds recorded 1 of n/a" in text_of(parts["run"])
+    assert "the confusion matrix in metrics.json is not usable" in parts["confusion-matrix-at-the-operating-point"]
+    assert "partition-0 n/a" in text_of(parts["hospitals"])
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["round-curves.png"]
+
+
 def test_without_metrics_json_there_is_no_report(tmp_path):
     with pytest.raises(ReportError, match=re.escape(f"{tmp_path / 'metrics.json'}: not found")):
         build_report(tmp_path)
