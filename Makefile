@@ -11,9 +11,13 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: install test test-fast demo bench lock clean
+.PHONY: install chromium test test-fast demo bench lock clean
 
-install: $(STAMP)
+install: $(STAMP) chromium
+
+# The report's browser test needs Debian's chromium (we run as root; nothing happens when it is there).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -1,11 +1,11 @@
 """`mammofl-sim`: simulate a federation of virtual hospitals on one machine, and its baselines.
 
 Thin: each command resolves a typed config (``simulations.presets``) and calls a plain function
-(``simulations.run``, ``simulations.partition_plot``). Heavy imports (torch, Flower, Ray) happen only inside the
-commands that need them, so ``--help`` and config errors are instant.
+(``simulations.run``, ``simulations.partition_plot``, ``server.report``). Heavy imports (torch, Flower, Ray)
+happen only inside the commands that need them, so ``--help`` and config errors are instant.
 
 Exit codes: 0 the run completed and wrote its run directory; 1 the run failed (the run directory says why);
-2 bad input (unknown preset or key, bad value, missing data folder).
+2 bad input (unknown preset or key, bad value, missing data folder, a folder that is no run directory).
 """
 
 from __future__ import annotations
@@ -133,6 +133,20 @@ def partitions_command(
     if json_output:
         sys.stdout.write(json.dumps(split.summary(), indent=2) + "\n")
     _errors.print(f"partition plot: {escape(str(path))}", highlight=False)
+
+
+@app.command("report")
+def report_command(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory (holds metrics.json).")],
+) -> None:
+    """(Re)build RUN_DIR/report.html and RUN_DIR/figures/*.png from the run directory; prints the page's path."""
+    from server.report import ReportError, build_report
+
+    try:
+        path = build_report(run_dir)
+    except ReportError as error:
+        _fail(EXIT_BAD_INPUT, str(error))
+    _console.print(str(path), highlight=False, soft_wrap=True)
 
 
 @app.command("presets")
