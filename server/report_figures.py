@@ -140,7 +140,7 @@ def calibration(histogram: op.ScoreHistogram, groups: int = 10) -> bytes:
                     label="model")
     top.set_ylabel("observed malignant fraction")
     _unit_square(top, "calibration of P(malignant)")
-    totals = histogram.counts.sum(axis=0)
+    totals = histogram.by_class.sum(axis=0)
     per = op.BINS // groups
     edges = np.arange(groups) / groups
     bottom.bar(edges, totals.reshape(groups, per).sum(axis=1), width=1 / groups, align="edge",
