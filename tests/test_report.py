@@ -210,7 +210,7 @@ def test_unusable_inputs_are_reported_in_their_section(tmp_path):
     (sample.path / "gallery" / "fake.png").write_bytes(b"GIF89a not a png")
     text = build_report(sample.path).read_text(encoding="utf-8")
     parts = sections(text)
-    assert "final.score_histogram in metrics.json is not usable: score histogram must have shape (3, 100), " \
+    assert "final.score_histogram in metrics.json is not usable: score histogram must have shape (3, 2, 100), " \
            "got (2, 2)" in parts["final-metrics"]
     assert "final.operating_point in metrics.json is not usable" in parts["confusion-matrix-at-the-operating-point"]
     assert "simulation.json is not readable JSON" in parts["hospitals"]
