@@ -37,6 +37,7 @@ from server.run_directory import (
     with_operating_point,
 )
 from server.federated_explanations import request_explanations
+from server.report import build_report
 from server.strategy import MammoStrategyMixin, build_strategy
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,10 @@ def _run(grid: Grid, config: RunConfig, run: RunDirectory,
               "operating_point": point.to_json() if point is not None else None,
               "final": _summary(final), "versions": run.document["versions"]}))
     run.finish(final)
+    try:
+        log.info("report: %s", build_report(run.path))
+    except Exception as error:  # noqa: BLE001 - the run and its model stand without the report
+        log.warning("no report in %s: %s: %s", run.path, type(error).__name__, error)
 
 
 def _final(run: RunDirectory, recorder: RoundRecorder, model: torch.nn.Module,
