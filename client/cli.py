@@ -115,7 +115,7 @@ def screen_command(
     errors = Console(stderr=True)
 
     def fail(message: str) -> None:
-        errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_BAD_INPUT)
 
     missing = missing_inputs(inputs)
