@@ -108,6 +108,7 @@ def screen_command(
     heatmaps: Annotated[bool, typer.Option("--heatmaps/--no-heatmaps", help="Draw one overlay per image.")] = True,
 ) -> None:
     """Screen images with a model: predictions.csv, heatmaps/ and report.html in DIR (files stay here)."""
+    # imported here: they load torch, which `check-data` does not need
     from client.screening import OutputExists, check_output, count_files, missing_inputs, screen
     from common.bundle import BundleError
     from common.inference import Predictor
