@@ -1,12 +1,13 @@
 """`mammofl-hospital`: the hospital's command line. Thin: each command calls a plain function and prints.
 
-Exit codes: 0 the command ran (a data check with skipped files included), 2 bad input (missing folder, bad
-manifest or Info.txt).
+Exit codes: 0 the command ran (a data check or a screening with skipped files included), 2 bad input (missing
+folder or file, bad manifest or Info.txt, a model bundle this version cannot use, a non-empty output folder).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from client.dataset_scan import ScanReport, scan_folder
@@ -22,7 +24,7 @@ from client.readers.mias import MiasError
 
 app = typer.Typer(
     name="mammofl-hospital",
-    help="MammoFL for hospitals: check data, run a node, watch the privacy budget.",
+    help="MammoFL for hospitals: check data, run a node, watch the privacy budget, screen images.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -32,7 +34,7 @@ EXIT_BAD_INPUT = 2
 
 @app.callback()
 def main() -> None:
-    """MammoFL for hospitals: check data, run a node, watch the privacy budget."""
+    """MammoFL for hospitals: check data, run a node, watch the privacy budget, screen images."""
 
 
 @app.command("check-data")
@@ -93,3 +95,77 @@ def print_summary(report: ScanReport, console: Console) -> None:
         console.print(f"[yellow]listed but missing:[/] {item.file}: {item.reason}", highlight=False)
     if report.metadata_files:
         console.print(f"metadata files: {', '.join(report.metadata_files)}", highlight=False)
+
+
+@app.command("screen")
+def screen_command(
+    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help="DICOM/PNG/PGM files or folders.")],
+    model: Annotated[Path, typer.Option("--model", metavar="BUNDLE", help="Released model bundle.")],
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Output folder (created).")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON summary on stdout.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")] = 8,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
+    heatmaps: Annotated[bool, typer.Option("--heatmaps/--no-heatmaps", help="Draw one overlay per image.")] = True,
+) -> None:
+    """Screen images with a model: predictions.csv, heatmaps/ and report.html in DIR (files stay here)."""
+    # imported here: they load torch, which `check-data` does not need
+    from client.screening import OutputExists, check_output, count_files, missing_inputs, screen
+    from common.bundle import BundleError
+    from common.inference import Predictor
+
+    errors = Console(stderr=True)
+
+    def fail(message: str) -> None:
+        errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+    missing = missing_inputs(inputs)
+    if missing:
+        fail("no such file or folder: " + ", ".join(str(p) for p in missing))
+    if not model.is_file():
+        fail(f"{model}: no such model bundle")
+    try:
+        check_output(out, overwrite)
+    except OutputExists as exc:
+        fail(str(exc))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            predictor = Predictor.from_bundle(model)
+    except BundleError as exc:
+        fail(f"cannot use the model: {exc}")
+    with Progress(TextColumn("screening"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=errors, transient=json_output) as progress:
+        task = progress.add_task("screen", total=count_files(inputs))
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                summary = screen(predictor, inputs, out, batch_size=batch_size, heatmaps=heatmaps,
+                                 overwrite=overwrite, progress=lambda n: progress.advance(task, n),
+                                 model_name=model.name)
+        except (OutputExists, FileNotFoundError, ManifestError, MiasError) as exc:
+            fail(str(exc))
+    if json_output:
+        sys.stdout.write(json.dumps(summary.to_dict(), indent=2) + "\n")
+    else:
+        print_screen_summary(summary.to_dict(), Console())
+
+
+def print_screen_summary(summary: dict, console: Console) -> None:
+    """The readable form of a screening summary."""
+    console.print(f"scored: [bold green]{summary['n_scored']}[/] of {summary['n_files']} files, "
+                  f"skipped: [bold {'yellow' if summary['n_skipped'] else 'green'}]{summary['n_skipped']}[/]  "
+                  f"(decision rule {summary['decision_rule']})", highlight=False)
+    decisions = Table(title="decisions", show_header=True)
+    for name in summary["decisions"]:
+        decisions.add_column(name, justify="right")
+    decisions.add_row(*(str(n) for n in summary["decisions"].values()))
+    console.print(decisions)
+    if summary["skipped"]:
+        skipped = Table(title="files not scored", show_header=True)
+        skipped.add_column("file", overflow="fold")
+        skipped.add_column("reason", overflow="fold")
+        for item in summary["skipped"]:
+            skipped.add_row(escape(item["file"]), escape(item["reason"]))
+        console.print(skipped)
+    rate = summary["images_per_second"]
+    console.print(f"{summary['seconds']:.1f} s" + (f", {rate:.2f} images/s" if rate else ""), highlight=False)
+    console.print(f"predictions: {summary['predictions']}\nreport: {summary['report']}", highlight=False)

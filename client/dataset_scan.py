@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -129,35 +129,43 @@ def scan_folder(folder: Path, manifest: Path | None = None) -> ScanReport:
     return _scan_generic(folder, None if manifest is None else Path(manifest))
 
 
+@dataclass(frozen=True)
+class FolderEntry:
+    """One file below a scanned folder, decoded once: a usable image (`record` and `decoded` set), a file that
+    cannot be used (`reason` set) or a metadata file of the data set (`metadata`)."""
+
+    path: Path
+    name: str  # relative to the folder
+    record: ImageRecord | None = None
+    decoded: DecodedImage | None = None
+    reason: str | None = None
+    metadata: bool = False
+
+
+def folder_entries(folder: Path, manifest: Path | None = None) -> Iterator[FolderEntry]:
+    """Every file below `folder` in scan order (:func:`files_below`, then manifest rows outside the folder),
+    decoded one at a time, with the same rules as `scan_folder` (which is built on it). Raises as `scan_folder`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    if manifest is not None and not Path(manifest).is_file():
+        raise FileNotFoundError(f"{manifest}: no such manifest file")
+    if manifest is None and is_mias_folder(folder):
+        return _mias_entries(folder, read_mias_records(folder, require_images=False))
+    manifest = None if manifest is None else Path(manifest)
+    return _generic_entries(folder, manifest, _manifest_records(manifest))
+
+
 def _scan_mias(folder: Path) -> ScanReport:
-    records = {record.path.resolve(): record for record in read_mias_records(folder, require_images=False)}
-    used = {record.path.stem: record.path.name for record in records.values()}
+    records = read_mias_records(folder, require_images=False)
+    used = {record.path.stem for record in records}
     listed = sorted({row.refnum for row in parse_info((folder / INFO_FILE).read_bytes().decode("latin-1"))})
     missing = tuple(
         SkippedFile(refnum, f"listed in {INFO_FILE}, no {refnum}.pgm or {refnum}.png found")
         for refnum in listed
         if refnum not in used
     )
-    images, skipped, metadata = [], [], []
-    for path in _files_below(folder):
-        name = _relative(path, folder)
-        if path.parent == folder and (path.name in MIAS_METADATA or path.name.startswith("SHA256SUMS")):
-            metadata.append(name)
-            continue
-        record = records.get(path.resolve())
-        if record is None:
-            skipped.append(SkippedFile(name, _mias_extra_reason(path, folder, used)))
-            continue
-        decoded = _decode(read_raster, path)
-        if isinstance(decoded, str):
-            skipped.append(SkippedFile(name, decoded))
-        elif decoded.pixels.shape != (IMAGE_SIZE, IMAGE_SIZE):
-            height, width = decoded.pixels.shape
-            skipped.append(
-                SkippedFile(name, f"mini-MIAS image is {height}x{width}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
-            )
-        else:
-            images.append(_scanned(record, decoded))
+    images, skipped, metadata = _collect(_mias_entries(folder, records))
     return ScanReport(
         folder=folder,
         dataset="mini-mias",
@@ -169,53 +177,39 @@ def _scan_mias(folder: Path) -> ScanReport:
     )
 
 
+def _mias_entries(folder: Path, mias_records: list[ImageRecord]) -> Iterator[FolderEntry]:
+    records = {record.path.resolve(): record for record in mias_records}
+    used = {record.path.stem: record.path.name for record in records.values()}
+    for path in files_below(folder):
+        name = _relative(path, folder)
+        if path.parent == folder and (path.name in MIAS_METADATA or path.name.startswith("SHA256SUMS")):
+            yield FolderEntry(path, name, metadata=True)
+            continue
+        record = records.get(path.resolve())
+        if record is None:
+            yield FolderEntry(path, name, reason=_mias_extra_reason(path, folder, used))
+            continue
+        decoded = decode_file(read_raster, path)
+        if isinstance(decoded, str):
+            yield FolderEntry(path, name, reason=decoded)
+        elif decoded.pixels.shape != (IMAGE_SIZE, IMAGE_SIZE):
+            height, width = decoded.pixels.shape
+            yield FolderEntry(path, name,
+                              reason=f"mini-MIAS image is {height}x{width}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
+        else:
+            yield FolderEntry(path, name, record=record, decoded=decoded)
+
+
 def _mias_extra_reason(path: Path, folder: Path, used: dict[str, str]) -> str:
     if path.parent == folder and IMAGE_NAME.fullmatch(path.name) and path.stem in used:
         return f"another copy of {path.stem} is used ({used[path.stem]})"
-    decoded = _decode(read_image, path)
+    decoded = decode_file(read_image, path)
     return decoded if isinstance(decoded, str) else f"image not listed in {INFO_FILE}"
 
 
 def _scan_generic(folder: Path, manifest: Path | None) -> ScanReport:
-    listed: dict[Path, ImageRecord] = {}
-    masks: set[Path] = set()
-    if manifest is not None:
-        for record in read_manifest(manifest, check_files=False):
-            listed[record.path.resolve()] = record
-            if record.roi_mask is not None:
-                masks.add(record.roi_mask.resolve())
-    metadata_paths = masks | ({manifest.resolve()} if manifest is not None else set())
-    on_disk = _files_below(folder)
-    seen = {path.resolve() for path in on_disk}
-    outside = [record.path for key, record in listed.items() if key not in seen and record.path.is_file()]
-    images, skipped, metadata = [], [], []
-    for path in on_disk + outside:
-        name = _relative(path, folder)
-        if path.resolve() in metadata_paths:
-            metadata.append(name)
-            continue
-        decoded = _decode(read_image, path)
-        if isinstance(decoded, str):
-            skipped.append(SkippedFile(name, decoded))
-            continue
-        if manifest is None:
-            record = ImageRecord(path=path, label=None, patient_id="")
-        elif path.resolve() in listed:
-            record = listed[path.resolve()]
-        else:
-            skipped.append(SkippedFile(name, f"image not listed in the manifest {manifest.name}"))
-            continue
-        record = replace(
-            record,
-            laterality=record.laterality or decoded.laterality,
-            view=record.view or decoded.view,
-            breast_side=record.breast_side or decoded.breast_side,
-        )
-        problem = _annotation_problem(record, decoded)
-        if problem:
-            skipped.append(SkippedFile(name, problem))
-        else:
-            images.append(_scanned(record, decoded))
+    listed = _manifest_records(manifest)
+    images, skipped, metadata = _collect(_generic_entries(folder, manifest, listed))
     missing = [
         SkippedFile(_relative(record.path, folder), "listed in the manifest, file not found")
         for record in listed.values()
@@ -238,6 +232,60 @@ def _scan_generic(folder: Path, manifest: Path | None) -> ScanReport:
     )
 
 
+def _manifest_records(manifest: Path | None) -> dict[Path, ImageRecord]:
+    if manifest is None:
+        return {}
+    return {record.path.resolve(): record for record in read_manifest(manifest, check_files=False)}
+
+
+def _generic_entries(folder: Path, manifest: Path | None, listed: dict[Path, ImageRecord]) -> Iterator[FolderEntry]:
+    masks = {record.roi_mask.resolve() for record in listed.values() if record.roi_mask is not None}
+    metadata_paths = masks | ({manifest.resolve()} if manifest is not None else set())
+    on_disk = files_below(folder)
+    seen = {path.resolve() for path in on_disk}
+    outside = [record.path for key, record in listed.items() if key not in seen and record.path.is_file()]
+    for path in on_disk + outside:
+        name = _relative(path, folder)
+        if path.resolve() in metadata_paths:
+            yield FolderEntry(path, name, metadata=True)
+            continue
+        decoded = decode_file(read_image, path)
+        if isinstance(decoded, str):
+            yield FolderEntry(path, name, reason=decoded)
+            continue
+        if manifest is None:
+            record = ImageRecord(path=path, label=None, patient_id="")
+        elif path.resolve() in listed:
+            record = listed[path.resolve()]
+        else:
+            yield FolderEntry(path, name, reason=f"image not listed in the manifest {manifest.name}")
+            continue
+        record = replace(
+            record,
+            laterality=record.laterality or decoded.laterality,
+            view=record.view or decoded.view,
+            breast_side=record.breast_side or decoded.breast_side,
+        )
+        problem = _annotation_problem(record, decoded)
+        if problem:
+            yield FolderEntry(path, name, reason=problem)
+        else:
+            yield FolderEntry(path, name, record=record, decoded=decoded)
+
+
+def _collect(entries: Iterator[FolderEntry]) -> tuple[list[ScannedImage], list[SkippedFile], list[str]]:
+    """(usable images, skipped files, metadata files) of `entries`; pixels are dropped as each is counted."""
+    images, skipped, metadata = [], [], []
+    for entry in entries:
+        if entry.metadata:
+            metadata.append(entry.name)
+        elif entry.reason is not None:
+            skipped.append(SkippedFile(entry.name, entry.reason))
+        else:
+            images.append(_scanned(entry.record, entry.decoded))
+    return images, skipped, metadata
+
+
 def _annotation_problem(record: ImageRecord, decoded: DecodedImage) -> str | None:
     """Lesion circles must have their centre inside the image; an ROI mask must match the image's size."""
     height, width = decoded.pixels.shape[:2]
@@ -245,7 +293,7 @@ def _annotation_problem(record: ImageRecord, decoded: DecodedImage) -> str | Non
         if not (0 <= circle.x < width and 0 <= circle.y < height):
             return f"lesion circle centre ({circle.x:g}, {circle.y:g}) outside the {height}x{width} image"
     if record.roi_mask is not None and record.roi_mask.is_file():
-        mask = _decode(read_image, record.roi_mask)
+        mask = decode_file(read_image, record.roi_mask)
         if isinstance(mask, str):
             return f"roi_mask unreadable: {mask}"
         if mask.pixels.shape[:2] != (height, width):
@@ -254,7 +302,7 @@ def _annotation_problem(record: ImageRecord, decoded: DecodedImage) -> str | Non
     return None
 
 
-def _decode(reader: Callable[[Path], DecodedImage], path: Path) -> DecodedImage | str:
+def decode_file(reader: Callable[[Path], DecodedImage], path: Path) -> DecodedImage | str:
     """The decoded image, or the reason it cannot be used. A reader bug is reported, not raised: a data check
     must go through a whole folder."""
     if not path.is_file():
@@ -273,7 +321,7 @@ def _scanned(record: ImageRecord, decoded: DecodedImage) -> ScannedImage:
     return ScannedImage(record, decoded.bits_stored, decoded.source_format, (height, width))
 
 
-def _files_below(folder: Path) -> list[Path]:
+def files_below(folder: Path) -> list[Path]:
     """Every entry below `folder` that is not a folder (regular files, but also broken links or pipes, which the
     scan reports), sorted by relative path; symbolic links to folders are not followed."""
     found = []

@@ -91,7 +91,8 @@ def read_bundle(path: Path) -> tuple[dict[str, torch.Tensor], BundleMeta]:
     try:
         payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a file that is not its format
-        raise BundleError(f"{path}: not a MammoFL bundle ({type(error).__name__}: {error})") from None
+        first_line = (str(error).strip().splitlines() or [""])[0]  # torch's unpickler messages run to pages
+        raise BundleError(f"{path}: not a MammoFL bundle ({type(error).__name__}: {first_line[:160]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise BundleError(f"{path}: format {found!r}, expected {FORMAT!r}")
