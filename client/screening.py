@@ -38,7 +38,6 @@ File names stay in these files, at the hospital; nothing here sends anything any
 from __future__ import annotations
 
 import csv
-import html
 import logging
 import os
 import re
@@ -228,7 +227,8 @@ def screen(predictor: Predictor, inputs: Sequence[Path], out: Path, *, batch_siz
             operating_point=None if predictor.operating_point is None else predictor.operating_point.to_json(),
             heatmaps=heatmaps, seconds=time.perf_counter() - started,
             skipped=tuple((row.file, row.reason) for row in done if row.status == SKIPPED))
-        (stage / REPORT_HTML).write_text(report_html(done, summary, predictor, model_name=model_name),
+        (stage / REPORT_HTML).write_text(report_html(done, summary, predictor, model_name=model_name,
+                                                     heatmap_dir=stage / HEATMAPS if heatmaps else None),
                                          encoding="utf-8")
     logger.info("screened %d files: %d scored, %d skipped", summary.n_files, summary.n_scored, summary.n_skipped)
     return summary
@@ -337,14 +337,23 @@ class _staging:
             raise
 
 
+#: Overlays embedded in the screening report (highest P(malignant) first); every overlay is in ``heatmaps/``.
+REPORT_THUMBNAILS = 24
+_THUMBNAIL_SIDE = 360
+
+
 def report_html(rows: Sequence[ScreenRow], summary: ScreenSummary, predictor: Predictor, *,
-                model_name: str = "") -> str:
-    """The screening report: model and operating point, counts, one table row per file, the heatmaps (linked
-    from ``heatmaps/``, so the page belongs beside them)."""
+                model_name: str = "", heatmap_dir: Path | None = None) -> str:
+    """The screening report (``common.html_page``: one self-contained file): model and operating point, counts,
+    one table row per file, files not scored with their reasons, and the overlays of the ``REPORT_THUMBNAILS``
+    images with the highest P(malignant), embedded small (`heatmap_dir`: where the overlays were written)."""
+    from common import html_page as h
+
     point = predictor.operating_point
     model = predictor.meta.model_config
-    facts = [("model", model_name or "(bundle)"), ("model kind", f"{model.kind}, {model.image_size} px"),
-             ("decision rule", summary.decision_rule)]
+    facts: list[tuple[str, str]] = [("model", model_name or "(bundle)"),
+                                    ("model kind", f"{model.kind}, {model.image_size} px"),
+                                    ("decision rule", summary.decision_rule)]
     if point is None:
         facts.append(("operating point", "none in the bundle: the most probable class is the decision"))
     else:
@@ -355,48 +364,40 @@ def report_html(rows: Sequence[ScreenRow], summary: ScreenSummary, predictor: Pr
     facts += [("files", str(summary.n_files)), ("scored", str(summary.n_scored)),
               ("skipped", str(summary.n_skipped)),
               ("decisions", ", ".join(f"{k}: {v}" for k, v in summary.decisions.items()))]
-    body = ["<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts) + "</dl>",
-            '<p class="note">Not a medical device. A research model trained on a small screen-film data set; '
-            "every decision needs a radiologist's reading.</p>"]
-    table = ["<table><thead><tr>" + "".join(f"<th>{_e(c)}</th>" for c in
-                                            ("file", "laterality", "view", "P(normal)", "P(benign)",
-                                             "P(malignant)", "decision", "heatmap")) + "</tr></thead><tbody>"]
-    for row in rows:
-        if row.status != SCORED:
-            continue
-        link = f'<a href="{_e(row.heatmap)}">open</a>' if row.heatmap else ""
-        table.append("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in (row.file, row.laterality, row.view))
-                     + "".join(f'<td class="n">{p:.3f}</td>' for p in row.probabilities)
-                     + f"<td>{_e(row.decision)}</td><td>{link}</td></tr>")
-    table.append("</tbody></table>")
-    body += ["<h2>Predictions</h2>", "".join(table)]
+    page = h.Page("MammoFL screening report", subtitle=f"{summary.n_scored} of {summary.n_files} files scored")
+    page.section("Model and decisions", h.definition_list(facts), h.notice(
+        "Not a medical device. A research model trained on a small screen-film data set; every decision needs a "
+        "radiologist's reading."))
+    scored = [row for row in rows if row.status == SCORED]
+    page.section("Predictions", h.table(
+        ["file", "laterality", "view", "P(normal)", "P(benign)", "P(malignant)", "decision", "heatmap"],
+        [[row.file, row.laterality, row.view, *row.probabilities, row.decision, row.heatmap or ""]
+         for row in scored]))
     if summary.skipped:
-        body += ["<h2>Files not scored</h2><table><thead><tr><th>file</th><th>reason</th></tr></thead><tbody>"
-                 + "".join(f"<tr><td>{_e(f)}</td><td>{_e(r)}</td></tr>" for f, r in summary.skipped)
-                 + "</tbody></table>"]
-    figures = [f'<figure><a href="{_e(r.heatmap)}"><img src="{_e(r.heatmap)}" alt="heatmap of {_e(r.file)}" '
-               f'loading="lazy"></a><figcaption>{_e(r.file)}: {_e(r.decision)}</figcaption></figure>'
-               for r in rows if r.heatmap]
-    if figures:
-        body += [f"<h2>Heatmaps ({_e(HEATMAP_LABEL)})</h2>", '<div class="gallery">' + "".join(figures) + "</div>"]
-    return _page("MammoFL screening report", "\n".join(body))
+        page.section("Files not scored", h.table(["file", "reason"], [list(pair) for pair in summary.skipped]))
+    shown = sorted((row for row in scored if row.heatmap and heatmap_dir is not None),
+                   key=lambda row: -row.probabilities[CLASS_NAMES.index("malignant")])[:REPORT_THUMBNAILS]
+    if shown:
+        page.section(f"Heatmaps ({HEATMAP_LABEL})", h.paragraph(
+            f"The {len(shown)} images with the highest P(malignant), reduced; every overlay at full size is in "
+            f"{HEATMAPS}/ beside this page."), h.gallery(
+            h.figure(_thumbnail(heatmap_dir.parent / row.heatmap), alt=f"heatmap of {row.file}",
+                     caption=f"{row.file}: {row.decision}") for row in shown))
+    return page.render()
 
 
-_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:auto;padding:1em 2em;color:#1d2430}"
-          "table{border-collapse:collapse;font-size:.9em}th,td{border:1px solid #d7dde5;padding:.2em .5em}"
-          "td.n{text-align:right}dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}"
-          ".note{background:#fff6df;padding:.5em}.gallery{display:flex;flex-wrap:wrap;gap:1em}"
-          ".gallery figure{width:260px;margin:0}.gallery img{max-width:100%}figcaption{font-size:.85em}")
+def _thumbnail(path: Path) -> bytes:
+    """A PNG overlay reduced to at most `_THUMBNAIL_SIDE` pixels a side, as PNG bytes."""
+    import io
 
+    from PIL import Image
 
-def _page(title: str, body: str) -> str:
-    """A minimal standalone page (no script, no external resource besides the linked heatmap files)."""
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-            f"<style>{_STYLE}</style></head><body><h1>{_e(title)}</h1>\n{body}\n</body></html>\n")
+    with Image.open(path) as image:
+        image.thumbnail((_THUMBNAIL_SIDE, _THUMBNAIL_SIDE))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
 
-
-def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def _fmt(value: float | None) -> str:

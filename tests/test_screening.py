@@ -111,7 +111,8 @@ def test_mini_mias_subset_matches_the_inference_path(tmp_path, mias_subset, cnn_
         has_circle = (image == CIRCLE_COLOUR).all(axis=2).sum() > 100
         assert has_circle == row.file.endswith("mdb005.png")
     report = (tmp_path / "out" / "report.html").read_text()
-    assert report.count('<img src="heatmaps/') == 3 and "p_malignant&gt;=0.30" in report
+    assert report.count('<img src="data:image/png;base64,') == 3 and "p_malignant&gt;=0.30" in report
+    assert "heatmaps/0005_mdb005.png.png" in report  # the full-size overlay is named beside its row
     assert [p.name for p in tmp_path.iterdir()] == [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")]
 
 
