@@ -198,6 +198,7 @@ def _page(run: _Run) -> h.Page:
     page.section("Calibration", _calibration(run, histogram, histogram_problem))
     page.section("Hospitals", _hospitals(run))
     page.section("Partitions", _partitions(run))
+    page.section("Explanations at the hospitals", _explanations(run))
     page.section("Gallery of test predictions", _gallery(run))
     page.section("Model card", _model_card(run, point))
     return page
@@ -500,6 +501,36 @@ def _partitions(run: _Run) -> h.Markup:
                                 "tissue, and patients per hospital.")
     except (OSError, ValueError) as error:
         return h.notice(f"{PARTITION_PLOT} could not be embedded: {error}", warning=True)
+
+
+def _explanations(run: _Run) -> h.Markup:
+    """The federated explanations' pooled localisation numbers (``server.federated_explanations``)."""
+    section = run.document.get("explanations")
+    if not isinstance(section, dict):
+        return h.notice("No federated explanations in this run (run config explain-methods was empty, or the run "
+                        "did not finish).")
+    if section.get("error"):
+        return h.notice(f"Federated explanations failed: {_text(section['error'])}", warning=True)
+    per_method = section.get("per_method") if isinstance(section.get("per_method"), dict) else {}
+    rows = [[name, _rate(rates, "pointing_game"), _rate(rates, "mass_inside"), _rate(rates, "random_baseline")]
+            for name, rates in per_method.items() if isinstance(rates, dict)]
+    hospitals = section.get("hospitals") if isinstance(section.get("hospitals"), dict) else {}
+    parts = [h.paragraph(
+        f"After the last round every hospital explained the final model on its own validation images that carry "
+        f"a lesion annotation ({_text(section.get('images'))} images in all) and kept the heatmaps; only these "
+        "counts came back. Pointing game: share of images whose heatmap maximum lies inside the lesion; mass "
+        "inside: mean share of the heatmap's positive mass inside the lesion (both within the breast); random "
+        "baseline: mean lesion share of the breast, what a map without information scores on both."),
+        h.table(["method", "pointing game", "mass inside lesion", "random baseline"], rows)]
+    parts.append(h.table(["hospital", "images explained or error"],
+                         [[name, _text(entry.get("images", entry.get("error")))] for name, entry in hospitals.items()
+                          if isinstance(entry, dict)]))
+    return h.join(*parts)
+
+
+def _rate(rates: dict, key: str) -> float | None:
+    value = rates.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _gallery(run: _Run) -> h.Markup:

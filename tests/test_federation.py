@@ -51,6 +51,43 @@ def _simulate(config: dict, *, node_overrides=None, mods=()):
                    num_supernodes=2, backend_config=BACKEND)
 
 
+def _check_operating_point_explanations_and_report(document, run_dir, state, meta):
+    """The last round's score histograms choose the operating point; the final decisions are made at it; every
+    hospital explained the model on exactly its validation images with lesions, kept its heatmaps, and sent counts."""
+    from client.explanation_round import explainable_images
+    from client.hospital_data import load_hospital
+    from common.operating_point import ScoreHistogram, choose_operating_point, confusion_at
+    from common.run_config import NodeConfig, RunConfig
+
+    last = document["rounds"][-1]["federated_eval"]
+    validation = ScoreHistogram.from_json(last["score_histogram"])
+    assert validation.total == last["num_examples"]
+    assert all("score_histogram" not in r["federated_eval"] for r in document["rounds"][:-1])
+    final = document["final"]
+    if validation.positives.sum() and validation.negatives.sum():
+        point = choose_operating_point(validation, rule="sensitivity", target=0.9,
+                                       source=final["operating_point"]["source"])
+        assert final["operating_point"] == point.to_json() == meta.info["operating_point"]
+        test = ScoreHistogram.from_json(final["score_histogram"])
+        assert final["at_operating_point"]["confusion_matrix"] == confusion_at(test, point.threshold)
+    else:  # a validation split without both classes cannot choose a threshold: said, not invented
+        assert final["operating_point"] is None and "at_operating_point" not in final
+    explanations = document["explanations"]
+    assert explanations["asked"] == 2 and explanations["methods"] == ["cell_scores", "gradcam"]
+    run = RunConfig.from_flower(document["config"])
+    for k in range(2):
+        node = NodeConfig.from_flower({"partition-id": k, "num-partitions": 2}, run=run)
+        expected = len(explainable_images(load_hospital(node, run).val_images))
+        assert explanations["hospitals"][f"partition-{k}"] == {"images": expected}
+        results = list((state / f"hospital-{k}" / "explanations").glob("run-*/results.json"))
+        assert len(results) == 1 and len(json.loads(results[0].read_text())["images"]) == expected
+    total = explanations["images"]
+    for rates in explanations["per_method"].values():
+        assert (rates["pointing_game"] is None) == (total == 0)
+    report = (run_dir / "report.html").read_text()
+    assert "Confusion matrix at the operating point" in report and (run_dir / "figures").is_dir()
+
+
 def _ledger_epsilons(path):
     return [entry["epsilon"] for entry in json.loads(path.read_text())["entries"]]
 
@@ -88,6 +125,7 @@ def test_federation_survives_a_crash_resumes_and_respects_budgets(mias_dir, tmp_
                                                                               ["epsilon"])
     model, meta = load_bundle(run_dir / "model.mammofl")
     assert meta.model_config.kind == "cnn" and meta.preprocess_config.size == 64
+    _check_operating_point_explanations_and_report(first, run_dir, state, meta)
 
     resumed = {**config, "num-server-rounds": 3, "run-dir": "", "resume": str(run_dir)}
     _simulate(resumed, node_overrides={1: {"max-epsilon": 0.01}})

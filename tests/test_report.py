@@ -25,7 +25,8 @@ from simulations.cli import app as sim_app
 from sample_run import HOSTILE, write_gallery, write_sample_run
 
 SECTIONS = ["run", "training-curves", "final-metrics", "confusion-matrix-at-the-operating-point",
-            "roc-and-precision-recall", "calibration", "hospitals", "partitions", "gallery-of-test-predictions",
+            "roc-and-precision-recall", "calibration", "hospitals", "partitions", "explanations-at-the-hospitals",
+            "gallery-of-test-predictions",
             "model-card"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -344,3 +345,17 @@ def test_building_a_report_never_touches_pyplot(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_federated_explanations_are_tabulated_per_method_and_hospital(tmp_path):
+    sample = write_sample_run(tmp_path / "run", hostile=True)
+    parts = sections(build_report(sample.path).read_text(encoding="utf-8"))
+    text = text_of(parts["explanations-at-the-hospitals"])
+    assert "cell_scores 0.625 0.312 0.043" in text and "gradcam 0.375 0.250 0.043" in text
+    assert "partition-1 5" in text and "(8 images in all)" in text
+    assert HOSTILE not in parts["explanations-at-the-hospitals"]  # escaped, never raw markup
+    document = json.loads((sample.path / "metrics.json").read_text())
+    del document["explanations"]
+    (sample.path / "metrics.json").write_text(json.dumps(document))
+    parts = sections(build_report(sample.path).read_text(encoding="utf-8"))
+    assert "No federated explanations in this run" in text_of(parts["explanations-at-the-hospitals"])
