@@ -61,10 +61,11 @@ def explain_images(inference_model: InferenceModel, images: list[LabelledImage],
                    out_dir: Path | None = None) -> LocalisationTally:
     """Explain and score `images` (see :func:`explainable_images`); with `out_dir`, heatmap overlays and
     per-image results are written there (at the hospital)."""
-    from common.explanations import explain, mass_inside, pointing_game, random_baseline
+    from common.explanations import explain, explainable, mass_inside, pointing_game, random_baseline
     from common.overlay import overlay_png
 
     tally = LocalisationTally(methods=methods)
+    inference_model = explainable(inference_model)
     results = []
     device = next(inference_model.parameters()).device
     for index, item in enumerate(images):
@@ -73,7 +74,7 @@ def explain_images(inference_model: InferenceModel, images: list[LabelledImage],
         tally.baseline_sum += random_baseline(item.lesion_mask, item.breast_mask)
         row = {"image": index, "label": CLASS_NAMES[item.label]}
         for method in methods:
-            heatmap = np.asarray(explain(method, inference_model, batch, target=item.label))[0]
+            heatmap = explain(method, inference_model, batch, target=item.label)[0].detach().cpu().numpy()
             hit = bool(pointing_game(heatmap, item.lesion_mask, item.breast_mask))
             mass = float(mass_inside(heatmap, item.lesion_mask, item.breast_mask))
             tally.add(method, hit=hit, mass=mass)

@@ -28,7 +28,7 @@ PARTITION_SCHEMES = ("iid", "dirichlet", "tissue")
 POOLINGS = ("classwise", "abnormal")
 DP_MODES = ("auto", "local", "distributed")
 #: Explanation methods of ``common.explanations.METHODS`` (a test keeps the two equal; captum is not imported here).
-EXPLANATION_METHODS = ("cell_scores", "gradcam", "integrated_gradients", "occlusion")
+EXPLANATION_METHODS = ("cell_scores", "grad_cam", "integrated_gradients", "occlusion")
 
 
 class ConfigError(ValueError):
@@ -71,9 +71,9 @@ class RunConfig:
                                 "target-sensitivity) or youden", choices=OPERATING_POINT_RULES)
     target_sensitivity: float = _opt(0.9, "operating-point sensitivity: the malignancy sensitivity to reach",
                                      low=0.0, high=1.0, low_open=True)
-    explain_methods: str = _opt("cell_scores,gradcam", "after the last round every hospital explains the global "
+    explain_methods: str = _opt("cell_scores,grad_cam", "after the last round every hospital explains the global "
                                 "model on its validation images with these methods (comma-separated: cell_scores, "
-                                "gradcam, integrated_gradients, occlusion; empty = none); only localisation "
+                                "grad_cam, integrated_gradients, occlusion; empty = none); only localisation "
                                 "counts return")
     # ------------------------------------------------------------ model and local training
     model: str = _opt("effnet_head", "model kind: cnn (trained end to end), effnet_head (frozen pretrained "

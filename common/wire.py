@@ -55,7 +55,7 @@ PARTITION_ID = "partition-id"  # simulation only: which virtual hospital replied
 MAX_EPSILON = "max-epsilon"  # the node's own budget (reported with a refusal)
 
 # ---------------------------------------------------------------- federated explanations (query messages)
-#: Query instruction: ``{ARRAYS: global weights, CONFIG: {EXPLAIN_METHODS: "cell_scores,gradcam"}}``. The node
+#: Query instruction: ``{ARRAYS: global weights, CONFIG: {EXPLAIN_METHODS: "cell_scores,grad_cam"}}``. The node
 #: explains the model on its own validation images that carry lesion annotations; heatmaps stay on its disk.
 #: Reply: ``{METRICS: {EXPLAINED_IMAGES, EXPLAIN_BASELINE_SUM, explain_key(method, "hits"|"mass-sum") ...}}``:
 #: counts and sums over images (rates are formed at the coordinator from the pooled sums).

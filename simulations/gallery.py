@@ -15,7 +15,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from common.inference import Predictor
@@ -29,11 +28,11 @@ GALLERY_FILE = "gallery.json"
 
 
 def write_gallery(run_dir: Path, run: RunConfig, bundle: Path, *, per_class: int = 2,
-                  method: str = "gradcam") -> Path:
+                  method: str = "grad_cam") -> Path:
     """Explain `per_class` held-out test images of each class with the bundle's model; returns the JSON path."""
     from client.hospital_data import PreparedImage, preprocess_records, simulation_test_records
     from client.preprocess_cache import PreprocessCache
-    from common.explanations import explain
+    from common.explanations import explain, explainable
     from common.overlay import overlay_png
 
     predictor = Predictor.from_bundle(bundle)
@@ -46,13 +45,14 @@ def write_gallery(run_dir: Path, run: RunConfig, bundle: Path, *, per_class: int
         pairs = [(p, q) for p, q in zip(prepared, predictions) if p.record.label == label]
         pairs.sort(key=lambda pair: -float(pair[1].probabilities[CLASS_NAMES.index("malignant")]))
         chosen.extend(pairs[:per_class])
+    model = explainable(predictor.model)
     out = Path(run_dir) / GALLERY_DIR
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for item, prediction in chosen:
         image = torch.from_numpy(item.preprocessed.image)[None, None]
         target = CLASS_NAMES.index("malignant")
-        heatmap = np.asarray(explain(method, predictor.model, image, target=target))[0]
+        heatmap = explain(method, model, image, target=target)[0].detach().cpu().numpy()
         circles = [item.preprocessed.geometry.map_circle(c) for c in item.record.lesions]
         name = f"{item.record.path.stem}-{method}.png"
         p_malignant = float(prediction.probabilities[target])

@@ -103,12 +103,12 @@ def write_sample_run(path: Path, *, hostile: bool = False, with_operating_point:
         "versions": {"python": "3.11.7", "torch": "2.14.1", "flwr": "1.42.0", "opacus": "1.6.0",
                      "mammo-fl": "0.1.0"},
         "resumed": [], "simulation": {"preset": "demo", "num-hospitals": 3, "mode": "federated"},
-        "explanations": {"methods": ["cell_scores", "gradcam"], "images": 8, "asked": 3, "notes": [],
+        "explanations": {"methods": ["cell_scores", "grad_cam"], "images": 8, "asked": 3, "notes": [],
                          "hospitals": {"partition-0": {"images": 3}, "partition-1": {"images": 5},
                                        (HOSTILE if hostile else "partition-2"): {"error": "NodeFailure: x"}},
                          "per_method": {"cell_scores": {"pointing_game": 0.625, "mass_inside": 0.3125,
                                                         "random_baseline": 0.0425},
-                                        "gradcam": {"pointing_game": 0.375, "mass_inside": 0.25,
+                                        "grad_cam": {"pointing_game": 0.375, "mass_inside": 0.25,
                                                     "random_baseline": 0.0425}}},
     }
     (path / "metrics.json").write_text(json.dumps(document, indent=2))

@@ -8,7 +8,7 @@ from common import wire
 from common.run_config import EXPLANATION_METHODS, ConfigError, RunConfig
 from server.federated_explanations import summarise_explanations
 
-METHODS = ("cell_scores", "gradcam")
+METHODS = ("cell_scores", "grad_cam")
 
 
 def _reply(n, baseline, hits, mass):
@@ -27,7 +27,7 @@ def test_rates_are_pooled_over_images_not_averaged_over_hospitals():
     assert summary["images"] == 8
     assert summary["per_method"]["cell_scores"] == {"pointing_game": 5 / 8, "mass_inside": pytest.approx(2.4 / 8),
                                                     "random_baseline": pytest.approx(0.6 / 8)}
-    assert summary["per_method"]["gradcam"]["pointing_game"] == 1 / 8
+    assert summary["per_method"]["grad_cam"]["pointing_game"] == 1 / 8
     assert summary["hospitals"] == {"partition-0": {"images": 2}, "partition-1": {"images": 6}}
 
 
@@ -49,15 +49,15 @@ def test_a_malformed_reply_is_left_out_and_named(bad, why):
 def test_failed_hospitals_are_recorded_and_no_image_gives_no_rate():
     summary = summarise_explanations([("node-3", "NodeFailure: ...", None)], METHODS)
     assert summary["hospitals"] == {"node-3": {"error": "NodeFailure: ..."}}
-    assert summary["per_method"]["gradcam"] == {"pointing_game": None, "mass_inside": None, "random_baseline": None}
+    assert summary["per_method"]["grad_cam"] == {"pointing_game": None, "mass_inside": None, "random_baseline": None}
 
 
 def test_run_config_knows_exactly_the_explanation_methods():
     from common.explanations import METHODS as REGISTRY
 
     assert set(EXPLANATION_METHODS) == set(REGISTRY)
-    assert RunConfig.from_flower({"explain-methods": "gradcam, occlusion"}).explain_method_names == (
-        "gradcam", "occlusion")
+    assert RunConfig.from_flower({"explain-methods": "grad_cam, occlusion"}).explain_method_names == (
+        "grad_cam", "occlusion")
     assert RunConfig.from_flower({"explain-methods": ""}).explain_method_names == ()
     with pytest.raises(ConfigError, match="explain-methods.*shap"):
-        RunConfig.from_flower({"explain-methods": "gradcam,shap"})
+        RunConfig.from_flower({"explain-methods": "grad_cam,shap"})

@@ -73,7 +73,7 @@ def _check_operating_point_explanations_and_report(document, run_dir, state, met
     else:  # a validation split without both classes cannot choose a threshold: said, not invented
         assert final["operating_point"] is None and "at_operating_point" not in final
     explanations = document["explanations"]
-    assert explanations["asked"] == 2 and explanations["methods"] == ["cell_scores", "gradcam"]
+    assert explanations["asked"] == 2 and explanations["methods"] == ["cell_scores", "grad_cam"]
     run = RunConfig.from_flower(document["config"])
     for k in range(2):
         node = NodeConfig.from_flower({"partition-id": k, "num-partitions": 2}, run=run)

@@ -351,7 +351,7 @@ def test_federated_explanations_are_tabulated_per_method_and_hospital(tmp_path):
     sample = write_sample_run(tmp_path / "run", hostile=True)
     parts = sections(build_report(sample.path).read_text(encoding="utf-8"))
     text = text_of(parts["explanations-at-the-hospitals"])
-    assert "cell_scores 0.625 0.312 0.043" in text and "gradcam 0.375 0.250 0.043" in text
+    assert "cell_scores 0.625 0.312 0.043" in text and "grad_cam 0.375 0.250 0.043" in text
     assert "partition-1 5" in text and "(8 images in all)" in text
     assert HOSTILE not in parts["explanations-at-the-hospitals"]  # escaped, never raw markup
     document = json.loads((sample.path / "metrics.json").read_text())
