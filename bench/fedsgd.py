@@ -152,7 +152,7 @@ def _fast_rounds(model: nn.Module, data: CellDataset, sites: list[list[int]], co
     for site in sites:
         site_batch_size(len(site), config.steps_per_epoch)
     index = [torch.tensor(site, dtype=torch.long) for site in sites]
-    std = config.noise_multiplier * config.max_grad_norm
+    std = config.noise_multiplier * config.max_grad_norm if config.noise_multiplier > 0 else 0.0  # 0 x inf clip
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     try:
         for round_number in range(config.rounds):
