@@ -137,9 +137,9 @@ def run_mode(request: SimulationRequest, *, live: bool = False) -> SimulationRes
     started = time.monotonic()
     runner = {"federated": run_federated, "centralised": run_centralised, "local": run_local}[request.mode]
     total = request.config.run.num_server_rounds
-    with _live_display(request, total, enabled=live):
+    with _live_display(request, total, enabled=live):  # the table stays below the gallery's and report's lines
         result = runner(request)
-    write_outputs(request.run, result)
+        write_outputs(request.run, result)
     result = replace(result, seconds=time.monotonic() - started)
     log.info("%s run completed in %.0f s: %s", request.mode, result.seconds, result.run_dir)
     return result

@@ -51,7 +51,6 @@ def test_notebook_runs_in_the_project_kernel(mias_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MINI_MIAS_DIR", str(mias_dir))
     monkeypatch.setenv("MAMMOFL_WALKTHROUGH_RUN", str(tmp_path / "run"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S, allow_errors=False,
                             resources={"metadata": {"path": str(REPO_ROOT)}})
@@ -65,7 +64,9 @@ def test_notebook_runs_in_the_project_kernel(mias_dir, tmp_path, monkeypatch):
     assert document["status"] == "completed" and len(document["rounds"]) == 12
     assert document["simulation"] == {"preset": "walkthrough", "num-hospitals": 3, "mode": "federated"}
     figures = [output for cell in cells for output in cell.get("outputs", []) if "image/png" in output.get("data", {})]
-    assert len(figures) >= 5  # preprocessing, rounds, partitions, confusion matrix and ROC, cell maps
+    assert len(figures) >= 9  # preprocessing, rounds, partitions, confusion matrix and ROC, cell maps, 4 methods
+    bundle = next(_text(cell) for cell in cells if "AUC malignant from the bundle" in _text(cell))
+    assert "score histogram identical to the run's: True" in bundle  # one inference path, the same numbers
     privacy = next(_text(cell) for cell in cells if "Opacus agrees" in _text(cell))
     assert privacy.count(" True\n") == 3 and " False\n" not in privacy
     errors = [output for cell in cells for output in cell.get("outputs", []) if output.output_type == "error"]
