@@ -21,9 +21,9 @@ Presets:
   hospital for the sum. Simulated hospitals do not drop out, so the sum waits for all three shares (threshold 3,
   ``secagg-dropouts`` 0: each adds 1.75 / sqrt(3)); a share alone gives epsilon 17.6. The virtual hospitals opt
   in to the secure-aggregation assumption (``sim-budget-on-aggregate``), so the default budget of 10 holds.
+- ``full``: the demo's settings for 160 rounds at noise multiplier 2.4 (epsilon about 7.2 for the sum).
 - ``walkthrough``: what ``notebooks/mammofl_walkthrough.ipynb`` runs: the demo's settings on 64 patients (a
   quarter held out for testing) for 12 rounds; a few minutes on 2 CPU cores.
-- ``full``: the demo's settings for 160 rounds at noise multiplier 2.4 (epsilon about 7.2 for the sum).
 """
 
 from __future__ import annotations
@@ -118,19 +118,19 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (
         overrides=_DEMO_OVERRIDES,
     ),
     Preset(
+        name="full",
+        description="the demo's model and privacy settings for twice as long: 160 rounds, noise multiplier 2.4 "
+                    "(epsilon about 7.2)",
+        num_hospitals=3,
+        overrides={**_DEMO_OVERRIDES, "num-server-rounds": 160, "noise-multiplier": 2.4, "round-timeout": 1800.0},
+    ),
+    Preset(
         name="walkthrough",
         description="the walkthrough notebook: the demo's model and privacy settings on 64 patients for 12 rounds, "
                     "minutes on 2 CPU cores",
         num_hospitals=3,
         overrides={**_DEMO_OVERRIDES, "num-server-rounds": 12, "sim-max-patients": 64, "sim-test-fraction": 0.25,
                    "round-timeout": 300.0},
-    ),
-    Preset(
-        name="full",
-        description="the demo's model and privacy settings for twice as long: 160 rounds, noise multiplier 2.4 "
-                    "(epsilon about 7.2)",
-        num_hospitals=3,
-        overrides={**_DEMO_OVERRIDES, "num-server-rounds": 160, "noise-multiplier": 2.4, "round-timeout": 1800.0},
     ),
 )})
 
