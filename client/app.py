@@ -36,6 +36,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Stage
 
+from client.console import quiet_known_notices
 from common import wire
 from common.distributed_dp import SecureSumError, SecureSumRange
 from common.run_config import EXPLANATION_METHODS, ConfigError, NodeConfig, RunConfig
@@ -51,6 +52,7 @@ __all__ = ["NodeFailure", "NodeRefusal", "app", "evaluation_reply_metrics", "mak
 # fresh ClientApp process, and the SecAgg+ key exchanges (answered by the mod alone) need none of them.
 
 log = logging.getLogger(__name__)
+quiet_known_notices()  # Flower's and Opacus' known console notices, in every process that loads this app
 
 _STATE = "mammofl-node"  # ConfigRecord in context.state
 _TRAINED = "trained-rounds"

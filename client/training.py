@@ -30,6 +30,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from client.console import quiet_known_notices
 from common.evaluation import EvalOutcome, evaluate_model
 from common.models.loss import lesion_aware_loss
 from common.privacy import PrivacyAccountant
@@ -167,6 +168,7 @@ def train_local(model: nn.Module, train_set: Dataset, *, config: LocalTrainConfi
     engine = None
     expected_batch_size = None
     if dp.enabled:
+        quiet_known_notices()  # before Opacus warns about secure_mode (a knowing choice: DPConfig.secure_mode)
         engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
         prior = PrivacyAccountant.from_state_dict(accountant_state, mechanism=dp.accountant)
         engine.accountant.load_state_dict(prior.state_dict())  # carried over, not reset (DESIGN §5)

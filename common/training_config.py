@@ -14,7 +14,13 @@ OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 @dataclass(frozen=True)
 class DPConfig:
     """Sample-level DP-SGD: Poisson sampling, flat clipping at `max_grad_norm`, Gaussian noise
-    `noise_multiplier * max_grad_norm`; epsilon reported at `delta` by the `accountant` mechanism."""
+    `noise_multiplier * max_grad_norm`; epsilon reported at `delta` by the `accountant` mechanism.
+
+    secure_mode: Opacus' cryptographically secure sampling and noise. Off by default, knowingly: sampling and
+        noise then come from seeded torch generators (reproducible; not hardened against attacks on the
+        floating-point noise), and Opacus' "Secure RNG turned off" notice is filtered (``client.console``). On
+        needs ``torchcsprng``, which has no build for the pinned torch.
+    """
 
     enabled: bool = True
     noise_multiplier: float = 1.0

@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 
 from common.run_config import ConfigError, RunConfig
 from simulations.presets import MODES, NUM_HOSPITALS, PRESETS, resolve
+
+#: The run report a completed simulation writes into its run directory (when the report module is present).
+REPORT_FILE = "report.html"
 
 app = typer.Typer(
     name="mammofl-sim",
@@ -176,7 +179,7 @@ def keys_command() -> None:
 
 def setup_logging(*, live: bool) -> None:
     """One root handler on stderr (before any library installs its own): INFO from MammoFL, warnings from the
-    rest. Flower keeps its own handler.
+    rest. Flower keeps its own handler; known third-party notices are handled (``simulations.console``).
 
     With the live table, Flower's per-round INFO lines are left out: the table shows the rounds.
     """
@@ -184,18 +187,24 @@ def setup_logging(*, live: bool) -> None:
 
     from rich.logging import RichHandler
 
+    from simulations.console import quiet_known_notices
+    from simulations.run import flower_environment
+
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=_errors, show_path=False)])
     for package in ("simulations", "server", "client", "common"):
         logging.getLogger(package).setLevel(logging.INFO)
-    flower = logging.getLogger("flwr")
-    flower.propagate = False  # it prints through its own console handler already
+    flower_environment()  # Flower reads it when first imported, which is now:
+    import flwr.common.logger  # noqa: F401 - it sets Flower's logger level when imported: set ours after that
+
+    quiet_known_notices()  # also: Flower prints through its own console handler only
     if live:
-        flower.setLevel(logging.WARNING)
+        logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
 def print_result(result, console: Console) -> None:
-    """Where the run wrote its outputs, and its headline numbers."""
+    """Where the run wrote its outputs, its privacy cost, the final metrics (at the released model's operating
+    point when the run chose one, else at arg-max) and, last, the path of its report."""
     final = result.final or {}
     console.print(f"run directory: {result.run_dir}", highlight=False, soft_wrap=True)
     console.print(f"metrics:       {result.metrics_path}", highlight=False, soft_wrap=True)
@@ -205,8 +214,55 @@ def print_result(result, console: Console) -> None:
     own = result.epsilon_own_noise_max
     if own is not None and result.epsilon_max is not None and own > result.epsilon_max:
         epsilon += f" (of the secure sum; each hospital's own noise alone: {own:.2f})"
-    console.print(f"AUC malignant ({final.get('source', '?')}): {_number(final.get('auc_malignant'))}   "
-                  f"accuracy: {_number(final.get('accuracy'))}   {epsilon}", highlight=False)
+    console.print(epsilon, highlight=False)
+    console.print(final_metrics_view(final), highlight=False)
+    report = Path(result.run_dir) / REPORT_FILE
+    if report.is_file():
+        console.print(f"report:        {report}", highlight=False, soft_wrap=True)
+
+
+def final_metrics_view(final: dict) -> Group:
+    """A heading, the final metrics table and confusion matrix, then one line saying how decisions were made: at the
+    operating point when ``final`` has one (threshold, rule, where it was chosen), else at arg-max. AUCs need no
+    threshold."""
+    point = final.get("operating_point")
+    at_point = final.get("at_operating_point")
+    source = {"centralised-test": "held-out test set", "federated": "hospitals' validation splits"}.get(
+        final.get("source"), final.get("source", "?"))
+    heading = f"final metrics, round {final.get('round', '?')}, {source}"
+    table = Table()
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if point and at_point:
+        target = (f"sensitivity >= {point['target']:.2f}" if point.get("rule") == "sensitivity"
+                  else str(point.get("rule")))
+        decided = (f"decisions at the operating point: malignant when P(malignant) >= {at_point['threshold']:.2f} "
+                   f"({target}, chosen on {point.get('source') or '?'})")
+        decisions = at_point
+        sensitivity = at_point.get("sensitivity", at_point.get("recall"))
+    else:
+        decided = "decisions at arg-max (this run recorded no operating point)"
+        decisions = final
+        sensitivity = final.get("recall")
+    for name, value in (("AUC malignant vs rest", final.get("auc_malignant")),
+                        ("AUC benign vs malignant", final.get("auc_benign_vs_malignant")),
+                        ("sensitivity (malignant)", sensitivity),
+                        ("specificity", decisions.get("specificity")),
+                        ("precision (malignant)", decisions.get("precision")),
+                        ("accuracy", decisions.get("accuracy")),
+                        ("F1 (macro)", decisions.get("f1_macro"))):
+        table.add_row(name, _number(value))
+    matrix = decisions.get("confusion_matrix")
+    if not matrix:
+        return Group(heading, table, decided)
+    names = final.get("class_names") or ["normal", "benign", "malignant"]
+    confusion = Table(title="confusion matrix\n(rows: true class)", title_justify="left")
+    confusion.add_column("")
+    for name in names:
+        confusion.add_column(name, justify="right")
+    for name, row in zip(names, matrix):
+        confusion.add_row(name, *(str(int(n)) for n in row))
+    return Group(heading, table, confusion, decided)
 
 
 def _number(value, digits: int = 3) -> str:

@@ -1,8 +1,9 @@
 """`make demo`: the `demo` preset on mini-MIAS, three virtual hospitals, DP on, into ``runs/demo-<time>/``.
 
 Data: the folder in ``MINI_MIAS_DIR`` when it holds mini-MIAS; otherwise the official archive is fetched and
-verified into ``data/mini-mias`` under the repository (``MINI_MIAS_URL`` overrides the download address). Prints
-where the metrics and the model bundle are, and the headline numbers. Exit code 0 on success, 1 when the run
+verified into ``data/mini-mias`` under the repository (``MINI_MIAS_URL`` overrides the download address). Ends with
+the round table, where the metrics and the model bundle are, the final metrics at the released model's operating
+point and the path of ``report.html``. Exit code 0 on success, 1 when the run
 failed, 2 when the data could not be obtained.
 
 Run as ``python -m simulations.demo`` (``--no-live`` for plain output; ``--set KEY=VALUE`` as in ``mammofl-sim``).
@@ -73,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SimulationError, ConfigError, FileNotFoundError, FileExistsError) as error:
         console.print(f"[bold red]demo failed:[/] {error}", highlight=False)
         return 1
-    print_result(result, console)
     console.print(f"partition plot: {request.run_dir / 'partitions.png'}", highlight=False)
     console.print(f"wall time: {result.seconds:.0f} s", highlight=False)
+    print_result(result, console)  # ends with the final metrics and the path of the report
     return 0
 
 

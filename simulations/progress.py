@@ -89,6 +89,8 @@ class RoundTable:
     def __exit__(self, *exc) -> None:
         self._live.update(self._render())
         self._live.__exit__(*exc)
+        if not self.console.is_terminal:
+            self.console.line()  # Rich ends the last frame with a newline on terminals only
 
     def __call__(self, document: dict) -> None:
         with self._lock:

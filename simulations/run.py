@@ -137,9 +137,9 @@ def run_mode(request: SimulationRequest, *, live: bool = False) -> SimulationRes
     started = time.monotonic()
     runner = {"federated": run_federated, "centralised": run_centralised, "local": run_local}[request.mode]
     total = request.config.run.num_server_rounds
-    with _live_display(request, total, enabled=live):
+    with _live_display(request, total, enabled=live):  # the table stays below the gallery's and report's lines
         result = runner(request)
-    write_outputs(request.run, result)
+        write_outputs(request.run, result)
     result = replace(result, seconds=time.monotonic() - started)
     log.info("%s run completed in %.0f s: %s", request.mode, result.seconds, result.run_dir)
     return result
@@ -172,6 +172,9 @@ def run_federated(request: SimulationRequest) -> SimulationResult:
 
     from client.app import make_client_app
     from server.app import make_server_app
+    from simulations.console import quiet_known_notices
+
+    quiet_known_notices()
 
     run = request.run
     overrides = run.to_flower()
@@ -316,17 +319,18 @@ def write_outputs(run: RunConfig, result: SimulationResult) -> None:
     """After a completed run: the gallery of explained test predictions and ``report.html`` (with its PNG
     figures) in the run directory, and in each local baseline hospital's directory. A failure here is logged,
     never raised: the run and its model are complete without them."""
-    from server.report import build_report
-    from simulations.gallery import write_gallery
-
     for run_dir, bundle in ((result.run_dir, result.run_dir / BUNDLE_FILE),
                             *((p, p / BUNDLE_FILE) for p in result.sub_runs)):
         if bundle.is_file() and not result.sub_runs:
             try:
+                from simulations.gallery import write_gallery
+
                 write_gallery(run_dir, run, bundle)
             except Exception as error:  # noqa: BLE001 - reported, the run stands
                 log.warning("no gallery in %s: %s: %s", run_dir, type(error).__name__, error)
         try:
+            from server.report import build_report
+
             log.info("report: %s", build_report(run_dir))
         except Exception as error:  # noqa: BLE001 - reported, the run stands
             log.warning("no report in %s: %s: %s", run_dir, type(error).__name__, error)

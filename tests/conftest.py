@@ -47,6 +47,31 @@ def dicom_dir() -> Path:
     return _require(SHARED_DATA / "dicom")
 
 
+#: Third-party console noise no run may print (the coordinator's process or the hospitals' Ray actors); each is
+#: fixed at its cause or filtered by its exact text (client.console, simulations.console).
+CONSOLE_NOISE = {
+    "Ray's accelerator env-var tip": "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO",
+    "Opacus' secure-RNG notice": "Secure RNG turned off",
+    "torch's full-backward-hook warning under Opacus": "Full backward hook is firing",
+    "Flower's run_simulation deprecation": "DEPRECATED FEATURE",
+    "Flower's actor shutdown notice": "Manually terminating",
+    "Flower DEBUG lines (SecAgg+ stages)": "DEBUG",
+}
+
+
+@pytest.fixture(scope="session")
+def console_noise():
+    """`find(text) -> {what: first line}` of the known third-party noise in captured console text."""
+    def find(text: str) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for line in text.splitlines():
+            for what, marker in CONSOLE_NOISE.items():
+                if marker in line:
+                    found.setdefault(what, line)
+        return found
+    return find
+
+
 @pytest.fixture(autouse=True)
 def _isolated_flower_home(tmp_path_factory, monkeypatch):
     """Nothing in the test suite touches ~/.flwr, checks for updates, installs dependencies or sends telemetry."""

@@ -76,7 +76,7 @@ def test_more_required_nodes_than_hospitals_is_refused():
 
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ConfigError, match=r"unknown preset 'demos' \(did you mean 'demo'\?\); known presets: "
-                                          r"smoke, demo, full"):
+                                          r"smoke, demo, full, walkthrough"):
         preset("demos")
 
 

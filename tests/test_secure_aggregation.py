@@ -135,7 +135,7 @@ def hospital_2_dies_training_round_2(msg, context, call_next):
 
 
 @pytest.mark.slow
-def test_three_hospitals_secure_rounds_reveal_only_the_sum(mias_dir, tmp_path):
+def test_three_hospitals_secure_rounds_reveal_only_the_sum(mias_dir, tmp_path, capfd, console_noise):
     from flwr.simulation import run_simulation
 
     run_dir, state, clear = tmp_path / "run", tmp_path / "hospitals", tmp_path / "clear"
@@ -167,6 +167,11 @@ def test_three_hospitals_secure_rounds_reveal_only_the_sum(mias_dir, tmp_path):
     client_app = make_client_app(overrides=overrides, node_overrides=budget,
                                  mods=[clear_updates_to(clear), hospital_2_dies_training_round_2])
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=3, backend_config=BACKEND)
+
+    # What the hospitals (Ray actors) printed: their own warnings, none of the known third-party noise.
+    console = "".join(capfd.readouterr())
+    assert "refused: privacy budget would exceed max-epsilon" in console
+    assert console_noise(console) == {}
 
     metrics = load_metrics(run_dir)
     assert metrics["status"] == "completed", metrics.get("error")

@@ -140,9 +140,20 @@ def test_round_table_follows_the_run_directory(tmp_path):
 
 # ---------------------------------------------------------------- end to end on mini-MIAS
 @pytest.mark.slow
-def test_smoke_federation_writes_the_run_directory_contract(mias_dir, tmp_path):
+def test_smoke_federation_writes_the_run_directory_contract(mias_dir, tmp_path, console_noise):
     out = tmp_path / "federated"
     done = run_smoke(mias_dir, out)
+    # A console a person can read: Flower's round log (--no-live) without the known third-party noise, then
+    # the final metrics at the operating point (or arg-max when none was chosen).
+    assert "aggregate_train: Received 2 results and 0 failures" in done.stderr
+    assert console_noise(done.stdout + done.stderr) == {}
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    assert "final metrics, round 1, held-out test set" in done.stdout
+    if final.get("operating_point") and final.get("at_operating_point"):
+        threshold = final["at_operating_point"]["threshold"]
+        assert f"malignant when P(malignant) >= {threshold:.2f}" in done.stdout.replace("\n", " ")
+    else:
+        assert "decisions at arg-max (this run recorded no operating point)" in done.stdout.replace("\n", " ")
     document = check_contract(out, rounds=1, test_images=SMOKE_TEST_IMAGES)
     assert set(document["privacy"]) == {"partition-0", "partition-1"}
     assert document["final"]["source"] == "centralised-test"
