@@ -2,12 +2,15 @@
 
 Per-image scores never leave a hospital, so everything a coordinator needs to choose a threshold, draw ROC,
 precision-recall and calibration curves or bootstrap a confidence interval is a :class:`ScoreHistogram`: counts of
-P(malignant) in ``BINS`` equal bins on [0, 1], per true class. Summed over hospitals it is the pooled histogram
+P(malignant) in ``BINS`` bins, per true class. The bins are equal in logit(P): ``EDGES`` are 0, the
+``BINS - 1`` values sigmoid(-7) .. sigmoid(7) at equal logit steps, and 1 (a step of 0.14 in logit, 0.035 in P
+at 0.5, 0.0001 near 0.001), so a model whose scores all lie near 0 or 1, as early or heavily regularised ones
+do, still gets distinct thresholds. Summed over hospitals it is the pooled histogram
 exactly; it is computed the same way from a held-out test set in simulation.
 
 Decision at threshold ``t`` (:func:`decide`): malignant when P(malignant) >= t, else the more probable of normal
-and benign. Binary metrics count malignant as positive. A threshold is always a bin edge, so every number computed
-from the histogram at that threshold equals the number computed from the raw scores.
+and benign. Binary metrics count malignant as positive. A threshold is always a bin edge (:func:`snap_threshold`),
+so every number computed from the histogram at that threshold equals the number computed from the raw scores.
 
 Rules (:func:`choose_operating_point`):
 
@@ -27,8 +30,10 @@ from common.records import CLASS_NAMES
 MALIGNANT = CLASS_NAMES.index("malignant")
 _OTHERS = tuple(i for i in range(len(CLASS_NAMES)) if i != MALIGNANT)  # (normal, benign)
 BINS = 100
+LOGIT_RANGE = 7.0
+#: Bin edges in P(malignant): bin b holds [EDGES[b], EDGES[b + 1]); the last bin also holds 1.
+EDGES = np.concatenate([[0.0], 1.0 / (1.0 + np.exp(-np.linspace(-LOGIT_RANGE, LOGIT_RANGE, BINS - 1))), [1.0]])
 SHAPE = (len(CLASS_NAMES), len(_OTHERS), BINS)
-_EDGE = 1e-9  # a score within float rounding of a bin edge (0.29 * 100 = 28.999…) belongs to the bin above it
 RULES = ("sensitivity", "youden")
 
 
@@ -109,17 +114,16 @@ class ScoreHistogram:
 
 
 def score_bin(scores) -> np.ndarray:
-    """Bin index of each P(malignant): bin b holds [b/BINS, (b+1)/BINS) (edges up to float rounding), the last
-    bin also 1.0."""
+    """Bin index of each P(malignant): bin b holds [EDGES[b], EDGES[b + 1]), the last bin also 1.0."""
     scores = np.asarray(scores, dtype=np.float64)
     if not np.isfinite(scores).all():
         raise ValueError("scores contain NaN or Inf")
-    return np.clip(np.floor(np.clip(scores, 0.0, 1.0) * BINS + _EDGE).astype(np.int64), 0, BINS - 1)
+    return np.clip(np.searchsorted(EDGES, np.clip(scores, 0.0, 1.0), side="right") - 1, 0, BINS - 1)
 
 
 def snap_threshold(threshold: float) -> float:
     """The bin edge at or below `threshold` (decisions are exact from histograms only at bin edges)."""
-    return float(np.floor(float(threshold) * BINS + _EDGE) / BINS)
+    return float(EDGES[_first_bin(threshold)])
 
 
 @dataclass(frozen=True)
@@ -182,7 +186,7 @@ def choose_operating_point(histogram: ScoreHistogram, *, rule: str = "sensitivit
         raise ValueError(f"target sensitivity must be in (0, 1], got {target!r}")
     if histogram.positives.sum() == 0 or histogram.negatives.sum() == 0:
         raise ValueError("an operating point needs malignant and non-malignant images")
-    thresholds = np.arange(BINS + 1) / BINS
+    thresholds = EDGES
     counts = [counts_at(histogram, t) for t in thresholds]
     sens = np.array([c.sensitivity for c in counts])
     spec = np.array([c.specificity for c in counts])
@@ -218,12 +222,13 @@ def confusion_at(histogram: ScoreHistogram, threshold: float) -> list[list[int]]
 
 
 def _first_bin(threshold: float) -> int:
-    return int(round(snap_threshold(threshold) * BINS))
+    """Index of the bin edge at or below `threshold` (a threshold within 1e-12 of an edge is that edge)."""
+    return int(np.searchsorted(EDGES, float(threshold) + 1e-12, side="right") - 1)
 
 
 def roc_curve(histogram: ScoreHistogram) -> tuple[np.ndarray, np.ndarray]:
     """(false-positive rates, true-positive rates) at every bin edge, from threshold 1 down to 0."""
-    counts = [counts_at(histogram, t) for t in np.arange(BINS, -1, -1) / BINS]
+    counts = [counts_at(histogram, t) for t in EDGES[::-1]]
     fpr = np.array([1.0 - (c.specificity if c.specificity is not None else 1.0) for c in counts])
     tpr = np.array([c.sensitivity if c.sensitivity is not None else 0.0 for c in counts])
     return fpr, tpr
@@ -241,7 +246,7 @@ def auc(histogram: ScoreHistogram) -> float | None:
 def precision_recall_curve(histogram: ScoreHistogram) -> tuple[np.ndarray, np.ndarray]:
     """(recall, precision) at every bin edge where something is called malignant, threshold 1 down to 0."""
     recall, precision = [], []
-    for t in np.arange(BINS, -1, -1) / BINS:
+    for t in EDGES[::-1]:
         c = counts_at(histogram, t)
         if c.precision is not None and c.sensitivity is not None:
             recall.append(c.sensitivity)
@@ -250,12 +255,11 @@ def precision_recall_curve(histogram: ScoreHistogram) -> tuple[np.ndarray, np.nd
 
 
 def calibration(histogram: ScoreHistogram, groups: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean predicted P(malignant) per group, observed malignant fraction, images) over `groups` equal ranges
-    of the score (bin centres stand for the scores inside a bin); empty groups are left out."""
-    if BINS % groups:
-        raise ValueError(f"groups must divide {BINS}")
-    centres = (np.arange(BINS) + 0.5) / BINS
-    per = BINS // groups
+    """(mean predicted P(malignant) per group, observed malignant fraction, images) over `groups` runs of
+    consecutive bins (equal logit ranges, :func:`group_edges`); a bin's midpoint stands for the scores inside it;
+    empty groups are left out."""
+    per = _group_size(groups)
+    centres = (EDGES[:-1] + EDGES[1:]) / 2
     totals = histogram.by_class.sum(axis=0)
     predicted, observed, sizes = [], [], []
     for g in range(groups):
@@ -266,6 +270,17 @@ def calibration(histogram: ScoreHistogram, groups: int = 10) -> tuple[np.ndarray
             observed.append(float(histogram.positives[span].sum() / n))
             sizes.append(int(n))
     return np.array(predicted), np.array(observed), np.array(sizes)
+
+
+def group_edges(groups: int = 10) -> np.ndarray:
+    """(groups + 1,) P(malignant) edges of the groups :func:`calibration` uses."""
+    return EDGES[::_group_size(groups)]
+
+
+def _group_size(groups: int) -> int:
+    if groups < 1 or BINS % groups:
+        raise ValueError(f"groups must divide {BINS}")
+    return BINS // groups
 
 
 def bootstrap_interval(histogram: ScoreHistogram, statistic, *, resamples: int = 1000, level: float = 0.95,

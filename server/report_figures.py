@@ -141,9 +141,8 @@ def calibration(histogram: op.ScoreHistogram, groups: int = 10) -> bytes:
     top.set_ylabel("observed malignant fraction")
     _unit_square(top, "calibration of P(malignant)")
     totals = histogram.by_class.sum(axis=0)
-    per = op.BINS // groups
-    edges = np.arange(groups) / groups
-    bottom.bar(edges, totals.reshape(groups, per).sum(axis=1), width=1 / groups, align="edge",
+    edges = op.group_edges(groups)
+    bottom.bar(edges[:-1], totals.reshape(groups, -1).sum(axis=1), width=np.diff(edges), align="edge",
                color="#b9c7d8", edgecolor="white")
     bottom.set_xlabel("predicted P(malignant)")
     bottom.set_ylabel("images")

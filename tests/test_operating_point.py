@@ -8,6 +8,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from common.operating_point import (
     BINS,
+    EDGES,
     ScoreHistogram,
     auc,
     bootstrap_interval,
@@ -15,6 +16,7 @@ from common.operating_point import (
     choose_operating_point,
     confusion_at,
     counts_at,
+    group_edges,
     decide,
     precision_recall_curve,
     roc_curve,
@@ -28,20 +30,33 @@ def _scores(seed: int = 0, n: int = 400):
     probs = rng.dirichlet([1.0, 1.0, 1.0], n)
     probs[labels == 2, 2] += 0.4
     probs /= probs.sum(axis=1, keepdims=True)
-    return labels, np.round(probs, 2)  # scores on bin edges and ties included
+    probs[:40, 2] = EDGES[rng.integers(1, BINS, 40)]  # scores exactly on bin edges
+    probs[40:80, 2] = probs[80:120, 2]  # and ties
+    return labels, probs
 
 
-def test_bins_are_half_open_and_the_last_includes_one():
-    assert score_bin([0.0, 0.0099, 0.01, 0.5, 0.999, 1.0]).tolist() == [0, 0, 1, 50, 99, 99]
+def test_bins_are_equal_in_logit_half_open_and_the_last_includes_one():
+    assert len(EDGES) == BINS + 1 and EDGES[0] == 0.0 and EDGES[-1] == 1.0
+    logits = np.log(EDGES[1:-1] / (1 - EDGES[1:-1]))
+    assert np.allclose(np.diff(logits), 14.0 / (BINS - 2)) and logits[0] == pytest.approx(-7.0)
+    assert score_bin([0.0, EDGES[1] * 0.99, EDGES[1], 0.5, EDGES[-2], 1.0]).tolist() == [0, 0, 1, 50, 99, 99]
     with pytest.raises(ValueError, match="NaN"):
         score_bin([np.nan])
+
+
+def test_scores_close_to_zero_still_get_distinct_thresholds():
+    labels = np.array([2, 2, 2, 0, 0, 0])
+    p_malignant = np.array([0.004, 0.006, 0.009, 0.001, 0.002, 0.003])
+    probs = np.stack([1 - p_malignant, np.zeros(6), p_malignant], axis=1)
+    point = choose_operating_point(ScoreHistogram.of(labels, probs), rule="youden")
+    assert (point.sensitivity, point.specificity) == (1.0, 1.0) and 0.003 < point.threshold <= 0.004
 
 
 def test_decisions_and_confusion_match_the_raw_scores_at_every_threshold():
     labels, probs = _scores()
     histogram = ScoreHistogram.of(labels, probs)
     assert histogram.total == len(labels)
-    for threshold in np.arange(BINS + 1) / BINS:
+    for threshold in EDGES:
         decided = decide(probs, threshold)
         assert ((decided == 2) == (probs[:, 2] >= threshold - 1e-12)).all()
         assert confusion_at(histogram, threshold) == confusion_matrix(labels, decided, labels=[0, 1, 2]).tolist()
@@ -59,7 +74,7 @@ def test_below_the_threshold_the_more_probable_of_normal_and_benign_is_decided()
 def test_auc_equals_sklearn_when_scores_sit_in_distinct_bins():
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 3, 60)
-    p_malignant = (rng.permutation(BINS)[:60] + 0.5) / BINS  # one image per bin: no ties within a bin
+    p_malignant = ((EDGES[:-1] + EDGES[1:]) / 2)[rng.permutation(BINS)[:60]]  # one image per bin: no ties in a bin
     probs = np.stack([(1 - p_malignant) / 2, (1 - p_malignant) / 2, p_malignant], axis=1)
     histogram = ScoreHistogram.of(labels, probs)
     assert auc(histogram) == pytest.approx(roc_auc_score(labels == 2, p_malignant), abs=1e-12)
@@ -73,7 +88,8 @@ def test_sensitivity_rule_takes_the_highest_threshold_reaching_the_target():
     histogram = ScoreHistogram.of(labels, probs)
     point = choose_operating_point(histogram, rule="sensitivity", target=0.9, source="test")
     sensitivity = lambda t: ((probs[:, 2] >= t - 1e-12) & (labels == 2)).sum() / (labels == 2).sum()  # noqa: E731
-    assert sensitivity(point.threshold) >= 0.9 > sensitivity(point.threshold + 1 / BINS)
+    next_edge = EDGES[np.searchsorted(EDGES, point.threshold) + 1]
+    assert sensitivity(point.threshold) >= 0.9 > sensitivity(next_edge)
     assert point.sensitivity == pytest.approx(sensitivity(point.threshold))
     assert (point.rule, point.target, point.source) == ("sensitivity", 0.9, "test")
 
@@ -82,7 +98,7 @@ def test_youden_rule_maximises_sensitivity_plus_specificity():
     labels, probs = _scores(2)
     histogram = ScoreHistogram.of(labels, probs)
     point = choose_operating_point(histogram, rule="youden")
-    j = [(c.sensitivity + c.specificity - 1) for c in (counts_at(histogram, t) for t in np.arange(BINS + 1) / BINS)]
+    j = [(c.sensitivity + c.specificity - 1) for c in (counts_at(histogram, t) for t in EDGES)]
     assert point.sensitivity + point.specificity - 1 == pytest.approx(max(j))
     assert point.target is None
 
@@ -116,7 +132,7 @@ def test_precision_recall_calibration_and_bootstrap():
     assert recall[-1] == 1.0 and precision[-1] == pytest.approx((labels == 2).mean())
     predicted, observed, sizes = calibration(histogram, groups=10)
     assert sizes.sum() == len(labels)
-    first = probs[:, 2] < 0.1
+    first = probs[:, 2] < group_edges(10)[1]
     assert observed[0] == pytest.approx((labels[first] == 2).mean())
     low, high = bootstrap_interval(histogram, auc, resamples=200, seed=1)
     assert low < auc(histogram) < high
