@@ -3,9 +3,9 @@
 Per-image scores never leave a hospital, so everything a coordinator needs to choose a threshold, draw ROC,
 precision-recall and calibration curves or bootstrap a confidence interval is a :class:`ScoreHistogram`: counts of
 P(malignant) in ``BINS`` bins, per true class. The bins are equal in logit(P): ``EDGES`` are 0, the
-``BINS - 1`` values sigmoid(-7) .. sigmoid(7) at equal logit steps, and 1 (a step of 0.14 in logit, 0.035 in P
-at 0.5, 0.0001 near 0.001), so a model whose scores all lie near 0 or 1, as early or heavily regularised ones
-do, still gets distinct thresholds. Summed over hospitals it is the pooled histogram
+``BINS - 1`` values sigmoid(-10) .. sigmoid(10) at equal logit steps of 0.2, and 1 (0.05 in P at 0.5, 0.0002
+near 0.001), so a model whose scores all lie near 0 or 1 still gets distinct thresholds: the demo's top-k
+pooled log-probabilities put most P(malignant) between 1e-4 and 0.4. Summed over hospitals it is the pooled histogram
 exactly; it is computed the same way from a held-out test set in simulation.
 
 Decision at threshold ``t`` (:func:`decide`): malignant when P(malignant) >= t, else the more probable of normal
@@ -30,7 +30,7 @@ from common.records import CLASS_NAMES
 MALIGNANT = CLASS_NAMES.index("malignant")
 _OTHERS = tuple(i for i in range(len(CLASS_NAMES)) if i != MALIGNANT)  # (normal, benign)
 BINS = 100
-LOGIT_RANGE = 7.0
+LOGIT_RANGE = 10.0
 #: Bin edges in P(malignant): bin b holds [EDGES[b], EDGES[b + 1]); the last bin also holds 1.
 EDGES = np.concatenate([[0.0], 1.0 / (1.0 + np.exp(-np.linspace(-LOGIT_RANGE, LOGIT_RANGE, BINS - 1))), [1.0]])
 SHAPE = (len(CLASS_NAMES), len(_OTHERS), BINS)

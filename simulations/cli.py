@@ -236,7 +236,7 @@ def final_metrics_view(final: dict) -> Group:
     if point and at_point:
         target = (f"sensitivity >= {point['target']:.2f}" if point.get("rule") == "sensitivity"
                   else str(point.get("rule")))
-        decided = (f"decisions at the operating point: malignant when P(malignant) >= {at_point['threshold']:.2f} "
+        decided = (f"decisions at the operating point: malignant when P(malignant) >= {at_point['threshold']:.3g} "
                    f"({target}, chosen on {point.get('source') or '?'})")
         decisions = at_point
         sensitivity = at_point.get("sensitivity", at_point.get("recall"))

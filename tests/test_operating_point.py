@@ -9,6 +9,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 from common.operating_point import (
     BINS,
     EDGES,
+    LOGIT_RANGE,
     ScoreHistogram,
     auc,
     bootstrap_interval,
@@ -38,7 +39,7 @@ def _scores(seed: int = 0, n: int = 400):
 def test_bins_are_equal_in_logit_half_open_and_the_last_includes_one():
     assert len(EDGES) == BINS + 1 and EDGES[0] == 0.0 and EDGES[-1] == 1.0
     logits = np.log(EDGES[1:-1] / (1 - EDGES[1:-1]))
-    assert np.allclose(np.diff(logits), 14.0 / (BINS - 2)) and logits[0] == pytest.approx(-7.0)
+    assert np.allclose(np.diff(logits), 2 * LOGIT_RANGE / (BINS - 2)) and logits[0] == pytest.approx(-LOGIT_RANGE)
     assert score_bin([0.0, EDGES[1] * 0.99, EDGES[1], 0.5, EDGES[-2], 1.0]).tolist() == [0, 0, 1, 50, 99, 99]
     with pytest.raises(ValueError, match="NaN"):
         score_bin([np.nan])
