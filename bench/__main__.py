@@ -1,16 +1,17 @@
 """`make bench`: every benchmark of the project, one after the other.
 
-The model-quality benchmark needs mini-MIAS: it runs when ``MINI_MIAS_DIR`` names the folder (the Makefile sets
-it to ``../shared/data/mini-mias`` when that exists) and is skipped with a message otherwise. It runs its whole
-default grid (see README, "Model quality", for how long that takes) and writes its JSON and plot to
-``cache/bench/model-quality``.
+The model-quality and localisation benchmarks need mini-MIAS: they run when ``MINI_MIAS_DIR`` names the folder
+(the Makefile sets it to ``../shared/data/mini-mias`` when that exists) and are skipped with a message otherwise.
+Model quality runs its whole default grid (see README, "Model quality", for how long that takes) and writes its
+JSON and plot to ``cache/bench/model-quality``; localisation (README, "Localisation": about 15 minutes on one CPU
+thread) shares its caches and rewrites ``bench/results/localisation.json``.
 """
 
 import os
 import sys
 from pathlib import Path
 
-from bench import grad_sample_modes, model_quality
+from bench import grad_sample_modes, localisation, model_quality
 
 if __name__ == "__main__":
     grad_sample_modes.main([])
@@ -18,5 +19,8 @@ if __name__ == "__main__":
     if data and (Path(data) / "Info.txt").is_file():
         print()
         model_quality.main(["--data-dir", data, "--out", "cache/bench/model-quality"])
+        print()
+        localisation.main(["--data-dir", data, "--out", "bench/results"])
     else:
-        print("\n# model quality: skipped, MINI_MIAS_DIR does not name a mini-MIAS folder", file=sys.stderr)
+        print("\n# model quality, localisation: skipped, MINI_MIAS_DIR does not name a mini-MIAS folder",
+              file=sys.stderr)
