@@ -118,21 +118,23 @@ class Tally:
 
     images: int = 0
     hits: int = 0
+    empty: int = 0  # maps constant over the breast (they point nowhere: misses)
     mass: float = 0.0
     mass_sq: float = 0.0
     baseline: float = 0.0
     correlations: list[float] = field(default_factory=list)
 
-    def add(self, hit: bool, mass: float, baseline: float) -> None:
+    def add(self, hit: bool, mass: float, baseline: float, *, empty: bool = False) -> None:
         self.images += 1
         self.hits += int(hit)
+        self.empty += int(empty)
         self.mass += mass
         self.mass_sq += mass * mass
         self.baseline += baseline
 
     def merge(self, other: Tally) -> Tally:
-        return Tally(self.images + other.images, self.hits + other.hits, self.mass + other.mass,
-                     self.mass_sq + other.mass_sq, self.baseline + other.baseline,
+        return Tally(self.images + other.images, self.hits + other.hits, self.empty + other.empty,
+                     self.mass + other.mass, self.mass_sq + other.mass_sq, self.baseline + other.baseline,
                      self.correlations + other.correlations)
 
 
@@ -145,7 +147,7 @@ def summarise(tally: Tally) -> dict:
     hit_rate = tally.hits / n
     mass = tally.mass / n
     mass_var = max(tally.mass_sq / n - mass * mass, 0.0) * n / (n - 1) if n > 1 else 0.0
-    out = {"images": n, "pointing_game": hit_rate, "pointing_game_se": math.sqrt(hit_rate * (1 - hit_rate) / n),
+    out = {"images": n, "empty_maps": tally.empty, "pointing_game": hit_rate, "pointing_game_se": math.sqrt(hit_rate * (1 - hit_rate) / n),
            "mass_inside": mass, "mass_inside_se": math.sqrt(mass_var / n), "random": tally.baseline / n}
     correlations = [c for c in tally.correlations if not math.isnan(c)]
     if correlations:
@@ -158,7 +160,8 @@ def summarise(tally: Tally) -> dict:
 
 def format_table(summary: dict, subset: str = "all") -> str:
     """Markdown table of one subset's summary ({method: summarise(...)})."""
-    lines = ["| method | images | pointing game | random | mass inside | random | rank corr., randomised head |",
+    lines = ["| method | images (empty maps) | pointing game | random | mass inside | random "
+             "| rank corr., randomised head (images) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for method in METHOD_ORDER:
         s = summary.get(method, {}).get(subset)
@@ -166,7 +169,7 @@ def format_table(summary: dict, subset: str = "all") -> str:
             continue
         corr = (f"{s['randomisation_rank_correlation']:.2f} ± {s['randomisation_rank_correlation_se']:.2f} "
                 f"({s['randomisation_images']})" if "randomisation_rank_correlation" in s else "-")
-        lines.append(f"| {METHOD_NAMES[method]} | {s['images']} | {s['pointing_game']:.2f} ± "
+        lines.append(f"| {METHOD_NAMES[method]} | {s['images']} ({s['empty_maps']}) | {s['pointing_game']:.2f} ± "
                      f"{s['pointing_game_se']:.2f} | {s['random']:.3f} | {s['mass_inside']:.3f} ± "
                      f"{s['mass_inside_se']:.3f} | {s['random']:.3f} | {corr} |")
     return "\n".join(lines)
@@ -223,6 +226,8 @@ def explain_fold(model: torch.nn.Module, config: ModelConfig, extractor, data: C
             randomise = [not backbone or start + j < settings.randomisation_images for j in range(len(chunk))]
             for j, item in enumerate(chunk):
                 heat = maps[j].numpy()
+                region = heat[item.breast]
+                empty = bool(region.max() == region.min())
                 hit = pointing_game(heat, item.lesion, item.breast)
                 mass = mass_inside(heat, item.lesion, item.breast)
                 baseline = random_baseline(item.lesion, item.breast)
@@ -235,7 +240,7 @@ def explain_fold(model: torch.nn.Module, config: ModelConfig, extractor, data: C
                     cpu_seconds[name] += time.process_time() - clock
                 for subset, labels in SUBSETS.items():
                     if item.label in labels:
-                        tallies[name][subset].add(hit, mass, baseline)
+                        tallies[name][subset].add(hit, mass, baseline, empty=empty)
                         if correlation is not None:
                             tallies[name][subset].correlations.append(correlation)
     return tallies
@@ -244,8 +249,9 @@ def explain_fold(model: torch.nn.Module, config: ModelConfig, extractor, data: C
 def tally_record(tally: Tally) -> dict:
     """A fold's tally as counts and sums (no image's own score)."""
     correlations = [c for c in tally.correlations if not math.isnan(c)]
-    return {"images": tally.images, "hits": tally.hits, "mass_sum": tally.mass, "mass_sq_sum": tally.mass_sq,
-            "random_sum": tally.baseline, "correlations": len(correlations), "correlation_sum": float(sum(correlations)),
+    return {"images": tally.images, "hits": tally.hits, "empty_maps": tally.empty, "mass_sum": tally.mass, "mass_sq_sum": tally.mass_sq,
+            "random_sum": tally.baseline, "correlations": len(correlations),
+            "correlation_sum": float(sum(correlations)),
             "correlations_undefined": len(tally.correlations) - len(correlations)}
 
 

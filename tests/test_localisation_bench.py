@@ -23,10 +23,10 @@ pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
 def test_summary_of_a_tally():
     tally = Tally()
     for hit, mass, baseline in [(True, 0.5, 0.1), (True, 0.1, 0.05), (False, 0.0, 0.05), (True, 0.2, 0.0)]:
-        tally.add(hit, mass, baseline)
+        tally.add(hit, mass, baseline, empty=mass == 0)
     tally.correlations += [0.1, math.nan, 0.3]
     s = summarise(tally)
-    assert s["images"] == 4
+    assert s["images"] == 4 and s["empty_maps"] == 1
     assert s["pointing_game"] == 0.75
     assert s["pointing_game_se"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
     assert s["mass_inside"] == pytest.approx(0.2)
@@ -41,8 +41,8 @@ def test_summary_of_a_tally():
 def test_folds_pool_as_one_tally():
     a, b, together = Tally(), Tally(), Tally()
     for i, (hit, mass) in enumerate([(True, 0.3), (False, 0.1), (True, 0.6)]):
-        (a if i < 2 else b).add(hit, mass, 0.02)
-        together.add(hit, mass, 0.02)
+        (a if i < 2 else b).add(hit, mass, 0.02, empty=not hit)
+        together.add(hit, mass, 0.02, empty=not hit)
     a.correlations.append(0.5)
     b.correlations.append(0.1)
     together.correlations += [0.5, 0.1]
@@ -55,8 +55,8 @@ def test_table_rows():
     tally.add(False, 0.15, 0.03)
     summary = {"grad_cam": {"all": summarise(tally)}, "occlusion": {"all": summarise(Tally())}}
     table = format_table(summary).splitlines()
-    assert table[0].startswith("| method | images | pointing game | random | mass inside |")
-    assert table[2] == "| Grad-CAM | 2 | 0.50 ± 0.35 | 0.040 | 0.200 ± 0.050 | 0.040 | - |"
+    assert table[0].startswith("| method | images (empty maps) | pointing game | random | mass inside |")
+    assert table[2] == "| Grad-CAM | 2 (0) | 0.50 ± 0.35 | 0.040 | 0.200 ± 0.050 | 0.040 | - |"
     assert len(table) == 3  # no row for a method without images
 
 
