@@ -148,7 +148,8 @@ def summarise(tally: Tally) -> dict:
     hit_rate = tally.hits / n
     mass = tally.mass / n
     mass_var = max(tally.mass_sq / n - mass * mass, 0.0) * n / (n - 1) if n > 1 else 0.0
-    out = {"images": n, "empty_maps": tally.empty, "pointing_game": hit_rate, "pointing_game_se": math.sqrt(hit_rate * (1 - hit_rate) / n),
+    out = {"images": n, "empty_maps": tally.empty, "pointing_game": hit_rate,
+           "pointing_game_se": math.sqrt(hit_rate * (1 - hit_rate) / n),
            "mass_inside": mass, "mass_inside_se": math.sqrt(mass_var / n), "random": tally.baseline / n}
     correlations = [c for c in tally.correlations if not math.isnan(c)]
     if correlations:
@@ -250,7 +251,8 @@ def explain_fold(model: torch.nn.Module, config: ModelConfig, extractor, data: C
 def tally_record(tally: Tally) -> dict:
     """A fold's tally as counts and sums (no image's own score)."""
     correlations = [c for c in tally.correlations if not math.isnan(c)]
-    return {"images": tally.images, "hits": tally.hits, "empty_maps": tally.empty, "mass_sum": tally.mass, "mass_sq_sum": tally.mass_sq,
+    return {"images": tally.images, "hits": tally.hits, "empty_maps": tally.empty, "mass_sum": tally.mass,
+            "mass_sq_sum": tally.mass_sq,
             "random_sum": tally.baseline, "correlations": len(correlations),
             "correlation_sum": float(sum(correlations)),
             "correlations_undefined": len(tally.correlations) - len(correlations)}
