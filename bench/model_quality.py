@@ -191,6 +191,13 @@ def centralised_scores(row: Row, schedule: Schedule, sigma: float | None, model_
                        data: CellDataset, train_idx: list[int], test_idx: list[int],
                        seed: int) -> tuple[np.ndarray, float | None]:
     """One site: `train_local` for `schedule.rounds` steps on the training folds (DP-SGD, or DP off)."""
+    model, epsilon = train_centralised(row, schedule, sigma, model_config, data, train_idx, seed)
+    return _malignancy(model, data, test_idx), epsilon
+
+
+def train_centralised(row: Row, schedule: Schedule, sigma: float | None, model_config: ModelConfig,
+                      data: CellDataset, train_idx: list[int], seed: int) -> tuple[torch.nn.Module, float | None]:
+    """The centralised row's model of one fold (`train_local`, DP-SGD at `sigma` or DP off) and its epsilon."""
     torch.manual_seed(seed)
     model = build_model(model_config)
     dp = DPConfig(noise_multiplier=sigma, max_grad_norm=schedule.max_grad_norm, delta=DELTA,
@@ -200,7 +207,7 @@ def centralised_scores(row: Row, schedule: Schedule, sigma: float | None, model_
                               learning_rate=schedule.learning_rate, max_steps=schedule.rounds,
                               cell_loss_weight=row.cell_loss_weight, seed=seed, dp=dp)
     outcome = train_local(model, Subset(data, train_idx), config=config, accountant_state=None, device="cpu")
-    return _malignancy(model, data, test_idx), outcome.epsilon
+    return model, outcome.epsilon
 
 
 def federated_scores(row: Row, schedule: Schedule, sigma: float, model_config: ModelConfig, data: CellDataset,

@@ -312,7 +312,8 @@ def _hook_count(module: nn.Module) -> int:
 def _opacus_wrapped() -> GradSampleModule:
     wrapped = GradSampleModule(tiny_classifier())
     wrapped.train()
-    wrapped(X.repeat(3, 1, 1, 1).requires_grad_(True))[:, MALIGNANT].sum().backward()  # leaves grad_sample on the parameters
+    # a backward pass leaves per-sample gradients on the parameters
+    wrapped(X.repeat(3, 1, 1, 1).requires_grad_(True))[:, MALIGNANT].sum().backward()
     return wrapped
 
 

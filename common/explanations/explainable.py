@@ -23,7 +23,6 @@ import functools
 from collections.abc import Sequence
 
 import torch
-from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from torch import nn
 
@@ -91,7 +90,7 @@ def _drop_opacus_hooks(module: nn.Module) -> None:
 def _is_opacus_hook(hook) -> bool:
     while isinstance(hook, functools.partial):  # Opacus binds its backward hook with functools.partial
         hook = hook.func
-    return isinstance(getattr(hook, "__self__", None), (AbstractGradSampleModule, GradSampleModule))
+    return isinstance(getattr(hook, "__self__", None), AbstractGradSampleModule)
 
 
 def frame_size(model: nn.Module, inputs: torch.Tensor, size: int | None) -> int:

@@ -21,8 +21,8 @@ from common.explanations.explainable import MALIGNANT, Target, as_model_inputs, 
 
 
 def grad_cam(model: nn.Module, inputs: torch.Tensor, target: Target = MALIGNANT, *, size: int | None = None,
-             upsample: str = "bilinear") -> torch.Tensor:
-    """(B, S, S) ReLU'd Grad-CAM of class `target`'s image logit.
+             upsample: str = "bilinear", relu: bool = True) -> torch.Tensor:
+    """(B, S, S) ReLU'd Grad-CAM of class `target`'s image logit (`relu=False`: the signed map before the ReLU).
 
     `model`: from `explainable()`; an `InferenceModel` with images (B, 1, S, S), or the `CellClassifier` with its
     own inputs (cached features: give `size`, the image frame's side).
@@ -31,5 +31,5 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, target: Target = MALIGNANT,
     inputs = as_model_inputs(model, inputs).requires_grad_(True)  # the graph must reach the body's output
     with torch.enable_grad():
         cam = LayerGradCam(model, cell_classifier(model).body).attribute(inputs, target=as_target(target, len(inputs)),
-                                                                         relu_attributions=True)
+                                                                         relu_attributions=relu)
     return LayerAttribution.interpolate(cam.detach(), (side, side), interpolate_mode=upsample)[:, 0]
