@@ -104,12 +104,15 @@ class ScoreHistogram:
         return cls(values.astype(np.int64).reshape(SHAPE))
 
     def to_json(self) -> dict:
-        return {"bins": BINS, "class_names": list(CLASS_NAMES), "counts": self.counts.tolist()}
+        return {"bins": BINS, "logit_range": LOGIT_RANGE, "class_names": list(CLASS_NAMES),
+                "counts": self.counts.tolist()}
 
     @classmethod
     def from_json(cls, data: dict) -> ScoreHistogram:
-        if data.get("bins") != BINS:
-            raise ValueError(f"score histogram has {data.get('bins')} bins, this version uses {BINS}")
+        """Refuses a histogram made with other bins (their counts would be read against the wrong edges)."""
+        if data.get("bins") != BINS or data.get("logit_range") != LOGIT_RANGE:
+            raise ValueError(f"score histogram of {data.get('bins')} bins over logit range {data.get('logit_range')}"
+                             f", this version uses {BINS} over {LOGIT_RANGE}")
         return cls(np.asarray(data["counts"], dtype=np.int64))
 
 

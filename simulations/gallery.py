@@ -28,7 +28,7 @@ GALLERY_FILE = "gallery.json"
 
 
 def write_gallery(run_dir: Path, run: RunConfig, bundle: Path, *, per_class: int = 2,
-                  method: str = "grad_cam") -> Path:
+                  method: str = "cell_scores") -> Path:
     """Explain `per_class` held-out test images of each class with the bundle's model; returns the JSON path."""
     from client.hospital_data import PreparedImage, preprocess_records, simulation_test_records
     from client.preprocess_cache import PreprocessCache
