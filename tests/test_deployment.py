@@ -504,6 +504,19 @@ def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federati
         assert entry["steps"] == 1  # FedSGD: one DP-SGD step per round
         assert entry["accountant"] == "rdp"
     assert metrics["config"]["num-server-rounds"] == 1
+    # After the last round each survivor explained the final model on its own validation images: heatmaps and
+    # per-image results stay in its state-dir, only counts came back; the report was written.
+    explanations = metrics["explanations"]
+    assert explanations["asked"] == SURVIVORS and not explanations["notes"], explanations
+    ids = {name: int(re.search(r"SuperNode ID: (\d+)", supernodes[name].output()).group(1)) for name in names}
+    for name in names:
+        if name == KILLED:
+            assert f"node-{ids[name]}" not in explanations["hospitals"]
+            continue
+        results = tmp_path / "state" / name / "explanations" / f"run-{runs[0]['run-id']}" / "results.json"
+        assert explanations["hospitals"][f"node-{ids[name]}"] == {
+            "images": len(json.loads(results.read_text())["images"])}
+    assert "operating_point" in metrics["final"] and (run_dir / "report.html").is_file()
     assert metrics["config"]["model"] == config["model"]
     assert (run_dir / "model.mammofl").is_file()
     epsilons = sorted((entry["epsilon"], entry["epsilon_own_noise"]) for entry in privacy.values())
