@@ -23,7 +23,8 @@ if __name__ == "__main__":
         print()
         localisation.main(["--data-dir", data, "--out", "bench/results"])
         print()
-        screening.main(["--mias-dir", data])
+        dicom = screening.SHARED_DATA / "dicom"
+        screening.main(["--mias-dir", data, *(["--dicom"] if dicom.is_dir() else [])])
     else:
         print("\n# model quality, localisation, screening: skipped, MINI_MIAS_DIR does not name a mini-MIAS folder",
               file=sys.stderr)
