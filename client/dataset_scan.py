@@ -119,14 +119,20 @@ class ScanReport:
 def scan_folder(folder: Path, manifest: Path | None = None) -> ScanReport:
     """Scan `folder` (see the module docstring). Raises FileNotFoundError for a missing folder or manifest,
     `ManifestError` for a bad manifest and `MiasError` for a bad mini-MIAS Info.txt."""
+    folder = _existing(folder, manifest)
+    if manifest is None and is_mias_folder(folder):
+        return _scan_mias(folder)
+    return _scan_generic(folder, None if manifest is None else Path(manifest))
+
+
+def _existing(folder: Path, manifest: Path | None) -> Path:
+    """`folder` as a Path; FileNotFoundError naming the folder or manifest that does not exist."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     if manifest is not None and not Path(manifest).is_file():
         raise FileNotFoundError(f"{manifest}: no such manifest file")
-    if manifest is None and is_mias_folder(folder):
-        return _scan_mias(folder)
-    return _scan_generic(folder, None if manifest is None else Path(manifest))
+    return folder
 
 
 @dataclass(frozen=True)
@@ -145,11 +151,7 @@ class FolderEntry:
 def folder_entries(folder: Path, manifest: Path | None = None) -> Iterator[FolderEntry]:
     """Every file below `folder` in scan order (:func:`files_below`, then manifest rows outside the folder),
     decoded one at a time, with the same rules as `scan_folder` (which is built on it). Raises as `scan_folder`."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
-    if manifest is not None and not Path(manifest).is_file():
-        raise FileNotFoundError(f"{manifest}: no such manifest file")
+    folder = _existing(folder, manifest)
     if manifest is None and is_mias_folder(folder):
         return _mias_entries(folder, read_mias_records(folder, require_images=False))
     manifest = None if manifest is None else Path(manifest)
