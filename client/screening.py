@@ -52,6 +52,7 @@ from pathlib import Path
 from client.dataset_scan import FolderEntry, decode_file, files_below, folder_entries
 from client.readers.images import read_image
 from common.inference import Prediction, Predictor, cell_map_to_frame
+from common.operating_point import threshold_text
 from common.overlay import overlay_png
 from common.preprocessing import Preprocessed
 from common.records import CLASS_NAMES, ImageRecord
@@ -185,7 +186,7 @@ def _file_entry(path: Path) -> FolderEntry:
 
 def decision_rule(predictor: Predictor) -> str:
     """How decisions are made: ``p_malignant>=T`` at the bundle's operating point, ``argmax`` without one."""
-    return ARGMAX if predictor.threshold is None else f"p_malignant>={predictor.threshold:.2f}"
+    return ARGMAX if predictor.threshold is None else f"p_malignant>={threshold_text(predictor.threshold)}"
 
 
 def screen(predictor: Predictor, inputs: Sequence[Path], out: Path, *, batch_size: int = 8, heatmaps: bool = True,
@@ -357,7 +358,7 @@ def report_html(rows: Sequence[ScreenRow], summary: ScreenSummary, predictor: Pr
     if point is None:
         facts.append(("operating point", "none in the bundle: the most probable class is the decision"))
     else:
-        facts.append(("operating point", f"malignant when P(malignant) >= {point.threshold:.2f}; chosen by "
+        facts.append(("operating point", f"malignant when P(malignant) >= {threshold_text(point.threshold)}; chosen by "
                                          f"{point.rule}" + (f" (target {point.target:g})" if point.target else "")
                       + f" on {point.source or 'validation data'}: sensitivity {_fmt(point.sensitivity)}, "
                         f"specificity {_fmt(point.specificity)}"))

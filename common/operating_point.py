@@ -203,6 +203,11 @@ def choose_operating_point(histogram: ScoreHistogram, *, rule: str = "sensitivit
                           sensitivity=float(sens[index]), specificity=float(spec[index]), source=source)
 
 
+def threshold_text(threshold: float) -> str:
+    """A threshold as people read it: 3 significant digits (edges near 0 are small: 0.00119, not 0.00)."""
+    return f"{float(threshold):.3g}"
+
+
 def decide(probs, threshold: float) -> np.ndarray:
     """Class decisions (N,) at the malignancy threshold: malignant when P(malignant) >= threshold (bin-exact),
     else the more probable of normal and benign."""

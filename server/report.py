@@ -332,7 +332,7 @@ def _confusion(run: _Run, point: op.OperatingPoint | None, point_problem: str | 
     parts = []
     if point is not None:
         parts.append(h.definition_list([
-            ("threshold on P(malignant)", f"{point.threshold:.2f}"),
+            ("threshold on P(malignant)", op.threshold_text(point.threshold)),
             ("rule", _rule(point)),
             ("chosen on", _text(point.source) if point.source else None),
             ("sensitivity / specificity where chosen", f"{_num(point.sensitivity)} / {_num(point.specificity)}"),
@@ -614,7 +614,7 @@ def _model_card(run: _Run, point: op.OperatingPoint | None) -> h.Markup:
                          "comparing training set-ups and studying model behaviour. Not for diagnosis, screening "
                          "of patients or any clinical decision."),
         ("data", data),
-        ("decision", f"malignant when P(malignant) ≥ {point.threshold:.2f} ({_rule(point)}), otherwise the more "
+        ("decision", f"malignant when P(malignant) ≥ {op.threshold_text(point.threshold)} ({_rule(point)}), otherwise the more "
                      f"probable of normal and benign." if point is not None else
                      "argmax of the class probabilities (no operating point recorded)."),
         ("privacy guarantee", guarantee),

@@ -101,7 +101,7 @@ def roc(histogram: op.ScoreHistogram, point: op.OperatingPoint | None = None) ->
         at = op.counts_at(histogram, point.threshold)
         if at.sensitivity is not None and at.specificity is not None:
             ax.plot([1 - at.specificity], [at.sensitivity], "o", color=CENTRALISED_COLOUR,
-                    label=f"operating point (threshold {point.threshold:.2f})")
+                    label=f"operating point (threshold {op.threshold_text(point.threshold)})")
     ax.set_xlabel("false-positive rate (1 - specificity)")
     ax.set_ylabel("sensitivity")
     _unit_square(ax, "ROC: malignant vs rest")
@@ -120,7 +120,7 @@ def precision_recall(histogram: op.ScoreHistogram, point: op.OperatingPoint | No
         at = op.counts_at(histogram, point.threshold)
         if at.sensitivity is not None and at.precision is not None:
             ax.plot([at.sensitivity], [at.precision], "o", color=CENTRALISED_COLOUR,
-                    label=f"operating point (threshold {point.threshold:.2f})")
+                    label=f"operating point (threshold {op.threshold_text(point.threshold)})")
     ax.set_xlabel("recall (sensitivity)")
     ax.set_ylabel("precision")
     _unit_square(ax, "precision-recall: malignant vs rest")

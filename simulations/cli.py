@@ -20,6 +20,7 @@ from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 
+from common.operating_point import threshold_text
 from common.run_config import ConfigError, RunConfig
 from simulations.presets import MODES, NUM_HOSPITALS, PRESETS, resolve
 
@@ -236,7 +237,7 @@ def final_metrics_view(final: dict) -> Group:
     if point and at_point:
         target = (f"sensitivity >= {point['target']:.2f}" if point.get("rule") == "sensitivity"
                   else str(point.get("rule")))
-        decided = (f"decisions at the operating point: malignant when P(malignant) >= {at_point['threshold']:.3g} "
+        decided = (f"decisions at the operating point: malignant when P(malignant) >= {threshold_text(at_point['threshold'])} "
                    f"({target}, chosen on {point.get('source') or '?'})")
         decisions = at_point
         sensitivity = at_point.get("sensitivity", at_point.get("recall"))

@@ -119,7 +119,7 @@ def test_confusion_matrix_and_operating_point_are_shown(built):
     sample, _, text = built
     body = sections(text)["confusion-matrix-at-the-operating-point"]
     plain = text_of(body)
-    assert f"threshold on P(malignant) {sample.point.threshold:.2f}" in plain
+    assert f"threshold on P(malignant) {op.threshold_text(sample.point.threshold)}" in plain
     assert "highest threshold with sensitivity ≥ 0.80" in plain
     assert "federated validation (3 hospitals, 100 images)" in plain
     matrix = sample.at_point["confusion_matrix"]

@@ -98,7 +98,7 @@ def test_mini_mias_subset_matches_the_inference_path(tmp_path, mias_subset, cnn_
         reference = predictor.predict_pixels(pixels, breast_side=row.breast_side)
         np.testing.assert_allclose(row.probabilities, reference.probabilities, rtol=0, atol=5e-7)
         assert row.decision == reference.decision_name == CLASS_NAMES[int(predictor.decide(reference.probabilities)[0])]
-        assert row.decision_rule == "p_malignant>=0.30"
+        assert row.decision_rule == "p_malignant>=0.3"
     assert sum(done) == 5 and done == [1, 1, 2, 1]  # two metadata rows, then batches of 2 and 1
     assert (summary.n_files, summary.n_scored, summary.n_skipped) == (5, 3, 2)
     assert summary.decisions == {name: sum(r.decision == name for r in scored) for name in CLASS_NAMES}
@@ -111,7 +111,7 @@ def test_mini_mias_subset_matches_the_inference_path(tmp_path, mias_subset, cnn_
         has_circle = (image == CIRCLE_COLOUR).all(axis=2).sum() > 100
         assert has_circle == row.file.endswith("mdb005.png")
     report = (tmp_path / "out" / "report.html").read_text()
-    assert report.count('<img src="data:image/png;base64,') == 3 and "p_malignant&gt;=0.30" in report
+    assert report.count('<img src="data:image/png;base64,') == 3 and "p_malignant&gt;=0.3" in report
     assert "heatmaps/0005_mdb005.png.png" in report  # the full-size overlay is named beside its row
     assert [p.name for p in tmp_path.iterdir()] == [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")]
 
@@ -209,7 +209,7 @@ def test_cli_json_exit_codes_and_table(tmp_path, mias_dir, dicom_dir, cnn_bundle
     assert (summary["n_files"], summary["n_scored"], summary["n_skipped"]) == (2, 1, 1)
     assert summary["skipped"] == [{"file": (dicom_dir / "CT1_J2KI").as_posix(),
                                    "reason": "not a breast image (Modality CT, BodyPartExamined missing)"}]
-    assert summary["decision_rule"] == "p_malignant>=0.30" and summary["operating_point"] == POINT.to_json()
+    assert summary["decision_rule"] == "p_malignant>=0.3" and summary["operating_point"] == POINT.to_json()
     assert summary["predictions"] == str(tmp_path / "o" / "predictions.csv")
     again = runner.invoke(app, [*args, "--json"])
     assert again.exit_code == 2 and "not empty" in again.stderr and again.stdout == ""
