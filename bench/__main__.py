@@ -1,18 +1,19 @@
 """`make bench`: every benchmark of the project, one after the other.
 
-The model-quality, localisation and screening benchmarks need mini-MIAS: they run when ``MINI_MIAS_DIR`` names
-the folder (the Makefile sets it to ``../shared/data/mini-mias`` when that exists) and are skipped with a message
-otherwise. Model quality runs its whole default grid (see README, "Model quality", for how long that takes) and
-writes its JSON and plot to ``cache/bench/model-quality``; localisation (README, "Localisation": about 15 minutes
-on one CPU thread) shares its caches and rewrites ``bench/results/localisation.json``; screening throughput
-(``bench.screening``) runs on the same mini-MIAS folder.
+The DP-cost benchmark (``bench.grad_sample_modes``) runs on synthetic inputs. The model-quality, data-path,
+localisation and screening benchmarks need mini-MIAS: they run when ``MINI_MIAS_DIR`` names the folder (the
+Makefile sets it to ``../shared/data/mini-mias`` when that exists) and are skipped with a message otherwise. Model
+quality runs its whole default grid (see README, "Model quality", for how long that takes) and writes its JSON and
+plot to ``cache/bench/model-quality``; localisation (README, "Localisation": about 15 minutes on one CPU thread)
+shares its caches and rewrites ``bench/results/localisation.json``; the data path uses temporary caches; screening
+throughput (``bench.screening``) runs on the same mini-MIAS folder.
 """
 
 import os
 import sys
 from pathlib import Path
 
-from bench import grad_sample_modes, localisation, model_quality, screening
+from bench import data_path, grad_sample_modes, localisation, model_quality, screening
 
 if __name__ == "__main__":
     grad_sample_modes.main([])
@@ -21,10 +22,13 @@ if __name__ == "__main__":
         print()
         model_quality.main(["--data-dir", data, "--out", "cache/bench/model-quality"])
         print()
+        data_path.main(["--data-dir", data])
+        print()
         localisation.main(["--data-dir", data, "--out", "bench/results"])
         print()
         dicom = screening.SHARED_DATA / "dicom"
         screening.main(["--mias-dir", data, *(["--dicom"] if dicom.is_dir() else [])])
     else:
-        print("\n# model quality, localisation, screening: skipped, MINI_MIAS_DIR does not name a mini-MIAS folder",
+        print("\n# model quality, data path, localisation, screening: skipped, MINI_MIAS_DIR does not name a "
+              "mini-MIAS folder",
               file=sys.stderr)
