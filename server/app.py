@@ -54,21 +54,24 @@ RESUME_MUST_MATCH = ("model", "image-size")
 
 
 def make_server_app(*, overrides: Mapping[str, Any] | None = None,
-                    central_evaluator: CentralEvaluatorFactory | None = None) -> ServerApp:
-    """A ServerApp; `overrides` win over Flower's run config (in-process simulation passes them here)."""
+                    central_evaluator: CentralEvaluatorFactory | None = None,
+                    write_report: bool = True) -> ServerApp:
+    """A ServerApp; `overrides` win over Flower's run config (in-process simulation passes them here);
+    `write_report` False leaves ``report.html`` to the caller (a simulation writes it after its gallery)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         config = RunConfig.from_flower(context.run_config, overrides)
-        run_federation(grid, config, central_evaluator=central_evaluator)
+        run_federation(grid, config, central_evaluator=central_evaluator, write_report=write_report)
 
     return server_app
 
 
-def run_federation(grid: Grid, config: RunConfig, *,
-                   central_evaluator: CentralEvaluatorFactory | None = None) -> RunDirectory:
-    """Run (or resume) a federation to `config.num_server_rounds` rounds; returns its run directory.
+def run_federation(grid: Grid, config: RunConfig, *, central_evaluator: CentralEvaluatorFactory | None = None,
+                   write_report: bool = True) -> RunDirectory:
+    """Run (or resume) a federation to `config.num_server_rounds` rounds; returns its run directory, with
+    ``report.html`` unless `write_report` is False.
 
     Any failure (too few replies, a bad config, an interrupted strategy) is written to ``metrics.json`` as
     ``status: failed`` and raised again, so the process exits non-zero.
@@ -79,6 +82,11 @@ def run_federation(grid: Grid, config: RunConfig, *,
     except BaseException as error:
         run.fail(error)
         raise
+    if write_report:
+        try:
+            log.info("report: %s", build_report(run.path))
+        except Exception as error:  # noqa: BLE001 - the run and its model stand without the report
+            log.warning("no report in %s: %s: %s", run.path, type(error).__name__, error)
     log.info("run directory: %s", run.path)
     return run
 
@@ -186,10 +194,6 @@ def _run(grid: Grid, config: RunConfig, run: RunDirectory,
               "operating_point": point.to_json() if point is not None else None,
               "final": _summary(final), "versions": run.document["versions"]}))
     run.finish(final)
-    try:
-        log.info("report: %s", build_report(run.path))
-    except Exception as error:  # noqa: BLE001 - the run and its model stand without the report
-        log.warning("no report in %s: %s: %s", run.path, type(error).__name__, error)
 
 
 def _final(run: RunDirectory, recorder: RoundRecorder, model: torch.nn.Module,

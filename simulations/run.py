@@ -178,7 +178,8 @@ def run_federated(request: SimulationRequest) -> SimulationResult:
 
     run = request.run
     overrides = run.to_flower()
-    server_app = make_server_app(overrides=overrides, central_evaluator=held_out_evaluator)
+    server_app = make_server_app(overrides=overrides, central_evaluator=held_out_evaluator,
+                                 write_report=False)  # write_outputs builds it once, after the gallery
     client_app = make_client_app(overrides=overrides)
     backend_config = {"client_resources": dict(CLIENT_RESOURCES), "init_args": {"num_cpus": _usable_cpus()}}
     started = time.monotonic()

@@ -147,6 +147,7 @@ def test_smoke_federation_writes_the_run_directory_contract(mias_dir, tmp_path, 
     # the final metrics at the operating point (or arg-max when none was chosen).
     assert "aggregate_train: Received 2 results and 0 failures" in done.stderr
     assert console_noise(done.stdout + done.stderr) == {}
+    assert (out / "report.html").is_file() and done.stderr.count("report written") == 1  # once, after the gallery
     final = json.loads((out / "metrics.json").read_text())["final"]
     assert "final metrics, round 1, held-out test set" in done.stdout
     if final.get("operating_point") and final.get("at_operating_point"):
