@@ -39,6 +39,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from client.console import quiet_known_notices
 from common import wire
 from common.distributed_dp import SecureSumError, SecureSumRange
+from common.node_policy import ACCOUNTANTS
 from common.run_config import EXPLANATION_METHODS, ConfigError, NodeConfig, RunConfig
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ quiet_known_notices()  # Flower's and Opacus' known console notices, in every pr
 
 _STATE = "mammofl-node"  # ConfigRecord in context.state
 _TRAINED = "trained-rounds"
+_EVALUATED = "evaluations"  # how many evaluations this node released in this run (its policy caps it)
 
 
 class NodeFailure(RuntimeError):
@@ -138,10 +140,19 @@ def make_client_app(*, overrides: Mapping[str, Any] | None = None,
         torch.set_num_threads(1)
         run, node = configs(context)
         config = msg.content[wire.CONFIG]
-        outcome = evaluate_round(run=run, node=node, global_weights=_weights(msg),
-                                 server_round=int(config[wire.SERVER_ROUND]))
-        metrics = evaluation_reply_metrics(outcome, score_histogram=bool(config.get(wire.WANT_SCORE_HISTOGRAM)))
-        return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
+        state = context.state.config_records.get(_STATE) or ConfigRecord({_TRAINED: []})
+        done = int(state.get(_EVALUATED, 0))
+        release = evaluate_round(run=run, node=node, global_weights=_weights(msg),
+                                 server_round=int(config[wire.SERVER_ROUND]), evaluations_done=done,
+                                 score_histogram=bool(config.get(wire.WANT_SCORE_HISTOGRAM)),
+                                 run_id=str(context.run_id))
+        if release.refused:
+            content = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 0, wire.REFUSED: 1.0}),
+                                  wire.REFUSAL: ConfigRecord({wire.REASON: release.refusal})})
+            return Message(content, reply_to=msg)
+        state[_EVALUATED] = done + 1
+        context.state[_STATE] = state
+        return Message(RecordDict({wire.METRICS: evaluation_reply_metrics(release)}), reply_to=msg)
 
     @client_app.query()
     @_confined("explanation")
@@ -225,6 +236,7 @@ def train_reply_metrics(result: TrainResult, node: NodeConfig) -> MetricRecord:
         wire.EPSILON: float(result.epsilon),
         wire.EPSILON_OWN_NOISE: float(result.epsilon_own_noise),
         wire.DELTA: float(result.delta),
+        wire.ACCOUNTANT: ACCOUNTANTS.index(result.accountant),
         wire.STEPS: int(result.steps),
         wire.REFUSED: 1.0 if result.refused else 0.0,
     }
@@ -242,20 +254,24 @@ def train_reply_metrics(result: TrainResult, node: NodeConfig) -> MetricRecord:
     return MetricRecord(metrics)
 
 
-def evaluation_reply_metrics(outcome: EvalOutcome, *, score_histogram: bool = False) -> MetricRecord:
-    """The numbers an evaluate reply carries: example count, loss, defined metrics, confusion counts (and, when
-    asked, the score histogram of the validation split)."""
+def evaluation_reply_metrics(release) -> MetricRecord:
+    """The numbers an evaluate reply carries (``client.node.EvaluationRelease``): example count and confusion
+    counts, noised unless the node's policy releases them in clear (then also loss and the other metrics); the score
+    histogram when asked; ``EVALUATION_NOISE``, the standard deviation of the noise on each count (0 = exact)."""
     from common.metrics import scalar_metrics
 
-    metrics: dict[str, float | int] = {wire.NUM_EXAMPLES: int(outcome.num_examples)}
-    if math.isfinite(outcome.loss):
-        metrics[wire.EVAL_LOSS] = float(outcome.loss)
-    for key, value in scalar_metrics(outcome.metrics).items():
-        if key == "n":
-            continue
-        metrics[key] = int(value) if wire.confusion_cell(key) is not None else float(value)
-    if score_histogram:
-        metrics[wire.SCORE_HISTOGRAM] = outcome.score_histogram.flat()
+    metrics: dict[str, float | int | list[int]] = {wire.NUM_EXAMPLES: int(release.num_examples),
+                                                   wire.EVALUATION_NOISE: float(release.noise_std)}
+    if math.isfinite(release.loss):
+        metrics[wire.EVAL_LOSS] = float(release.loss)
+    for i, row in enumerate(release.confusion):
+        for j, count in enumerate(row):
+            metrics[wire.confusion_key(i, j)] = int(count)
+    for key, value in scalar_metrics(release.metrics or {}).items():
+        if key != "n" and wire.confusion_cell(key) is None:
+            metrics[key] = float(value)
+    if release.score_histogram is not None:
+        metrics[wire.SCORE_HISTOGRAM] = [int(v) for v in release.score_histogram]
     return MetricRecord(metrics)
 
 

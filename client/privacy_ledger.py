@@ -137,10 +137,11 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ writing
     def record(self, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                aggregate_noise_multiplier: float | None = None, run_id: str | None = None,
-               server_round: int | None = None) -> float:
+               server_round: int | None = None, kind: str = "training") -> float:
         """Add `steps` DP-SGD steps to the ledger, persist atomically, return the new epsilon of the node's own
         noise (`epsilon(delta, aggregate=True)` gives the other). `aggregate_noise_multiplier`: the noise of what
-        the coordinator sees, when it is more than the node's own (distributed noise); default: the same."""
+        the coordinator sees, when it is more than the node's own (distributed noise); default: the same.
+        `kind`: what was released, "training" (DP-SGD steps) or "evaluation" (noised counts, one step at rate 1)."""
         aggregate_noise = aggregate_noise_multiplier or noise_multiplier
         if aggregate_noise < noise_multiplier:
             raise ValueError(f"aggregate noise {aggregate_noise} below the node's own {noise_multiplier}")
@@ -149,7 +150,7 @@ class PrivacyLedger:
         epsilon = self._accountant.epsilon(delta)
         self._entries.append({
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "run_id": run_id, "server_round": server_round,
+            "run_id": run_id, "server_round": server_round, "kind": kind,
             "noise_multiplier": float(noise_multiplier), "aggregate_noise_multiplier": float(aggregate_noise),
             "sample_rate": float(sample_rate), "steps": int(steps), "delta": float(delta), "epsilon": epsilon,
             "epsilon_aggregate": self._aggregate.epsilon(delta),

@@ -30,11 +30,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from common import wire
+from common.operating_point import SHAPE as HISTOGRAM_SHAPE
 from common.operating_point import ScoreHistogram
+from common.node_policy import ACCOUNTANTS
+from common.private_counts import clip_pooled
 from common.run_config import RunConfig
 from server.checkpoints import Checkpoint, CheckpointStore
 
 log = logging.getLogger(__name__)
+
+HISTOGRAM_CELLS = int(np.prod(HISTOGRAM_SHAPE))
 
 _OPTIONAL_TRAIN_KEYS = {wire.PARTITION_ID}
 _PRIVACY_FIELDS = {  # wire key -> privacy report field
@@ -91,9 +96,11 @@ class MammoStrategyMixin:
 
     def __init__(self, *, min_train_replies: int, min_evaluate_replies: int, max_update_norm: float = 0.0,
                  node_wait_timeout: float = 600.0, round_offset: int = 0,
-                 checkpoints: CheckpointStore | None = None, final_round: int | None = None, **flower_kwargs):
+                 checkpoints: CheckpointStore | None = None, final_round: int | None = None,
+                 evaluate_every: int = 1, **flower_kwargs):
         super().__init__(**flower_kwargs)
         self.final_round = final_round  # its evaluation also asks for score histograms (the operating point)
+        self.evaluate_every = evaluate_every  # federated evaluation costs the hospitals budget: not every round
         self.min_train_replies = min_train_replies
         self.min_evaluate_replies = min_evaluate_replies
         self.max_update_norm = max_update_norm
@@ -117,8 +124,15 @@ class MammoStrategyMixin:
         self._sent["train"] = [m.metadata for m in messages]
         return messages
 
+    def evaluates(self, rnd: int) -> bool:
+        """Whether round `rnd` (absolute) has a federated evaluation: every `evaluate_every` rounds and the last."""
+        return rnd % self.evaluate_every == 0 or rnd == self.final_round
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        if not self.evaluates(server_round + self.round_offset):
+            self._sent["evaluate"] = []
+            return []
         if self.fraction_evaluate > 0:
             self._wait_for_nodes(grid, server_round + self.round_offset)
         if server_round + self.round_offset == self.final_round:
@@ -188,6 +202,8 @@ class MammoStrategyMixin:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rnd = server_round + self.round_offset
         sent = self._sent.pop("evaluate", [])
+        if not self.evaluates(rnd):
+            return None
         report = RoundReport(round=rnd, sampled=len(sent))
         records: list[MetricRecord] = []
         for msg in replies:
@@ -196,20 +212,13 @@ class MammoStrategyMixin:
                 report.count("failed", hospital, msg.error.reason)
                 continue
             metrics = msg.content.metric_records.get(wire.METRICS)
-            n = metrics.get(wire.NUM_EXAMPLES) if metrics is not None else None
-            if not _is_count(n) or n <= 0:
-                report.count("rejected", hospital, f"evaluate reply without a positive '{wire.NUM_EXAMPLES}'")
+            if metrics is not None and metrics.get(wire.REFUSED) == 1.0:
+                report.count("refused", hospital, _refusal_reason(msg.content))
                 continue
-            if wire.SCORE_HISTOGRAM in metrics:
-                try:
-                    histogram = ScoreHistogram.from_flat(metrics[wire.SCORE_HISTOGRAM])
-                except (TypeError, ValueError) as error:
-                    report.count("rejected", hospital, f"'{wire.SCORE_HISTOGRAM}': {error}")
-                    continue
-                if histogram.total != n:
-                    report.count("rejected", hospital, f"'{wire.SCORE_HISTOGRAM}' counts {histogram.total} images, "
-                                                       f"'{wire.NUM_EXAMPLES}' says {int(n)}")
-                    continue
+            problem = _evaluation_problem(metrics)
+            if problem:
+                report.count("rejected", hospital, problem)
+                continue
             records.append(metrics)
         report.close(len(records))
         self.evaluate_reports[rnd] = report
@@ -325,6 +334,9 @@ class MammoStrategyMixin:
         entry["epsilon"] = float(eps)
         if wire.DP_ENABLED in metrics:
             entry["dp"] = bool(metrics[wire.DP_ENABLED])
+        accountant = metrics.get(wire.ACCOUNTANT)
+        if _is_integer(accountant) and 0 <= accountant < len(ACCOUNTANTS):
+            entry["accountant"] = ACCOUNTANTS[int(accountant)]
         entry["last_round"] = rnd
         return float(eps)
 
@@ -359,6 +371,7 @@ def build_strategy(config: RunConfig, *, checkpoints: CheckpointStore | None = N
         node_wait_timeout=config.round_timeout,
         checkpoints=checkpoints,
         final_round=config.num_server_rounds,
+        evaluate_every=config.evaluate_every,
     )
     if config.distributed_dp:
         from server.secure_aggregation import SecureFedSGD, SecureRoundSettings
@@ -376,26 +389,55 @@ def build_strategy(config: RunConfig, *, checkpoints: CheckpointStore | None = N
 
 
 def aggregate_evaluation(records: list[MetricRecord]) -> MetricRecord:
-    """Combine evaluation replies: confusion counts, score histograms and examples summed, other metrics
-    example-weighted means.
+    """Combine evaluation replies: confusion counts, score histograms and examples summed (noised counts: summed,
+    then negatives clipped to 0), other metrics example-weighted means; ``EVALUATION_NOISE`` of the pooled counts.
 
     A metric a hospital could not compute (NaN, e.g. an AUC on a split with one class) is left out of that
     metric's mean instead of turning it into NaN; a metric nobody could compute stays NaN.
     """
     out = MetricRecord()
-    weights = [float(r[wire.NUM_EXAMPLES]) for r in records]
-    out[wire.NUM_EXAMPLES] = int(sum(weights))
-    keys = sorted({k for r in records for k in r if k != wire.NUM_EXAMPLES})
+    weights = [max(float(r[wire.NUM_EXAMPLES]), 0.0) for r in records]
+    out[wire.NUM_EXAMPLES] = max(int(sum(int(r[wire.NUM_EXAMPLES]) for r in records)), 0)
+    keys = sorted({k for r in records for k in r if k not in (wire.NUM_EXAMPLES, wire.EVALUATION_NOISE)})
+    noise = [float(r.get(wire.EVALUATION_NOISE, 0.0)) for r in records]
+    out[wire.EVALUATION_NOISE] = math.sqrt(sum(v * v for v in noise))  # of each pooled count
     for key in keys:
         if wire.confusion_cell(key) is not None:
-            out[key] = int(sum(int(r.get(key, 0)) for r in records))
+            out[key] = max(int(sum(int(r.get(key, 0)) for r in records)), 0)
             continue
-        if key == wire.SCORE_HISTOGRAM:  # only hospitals that sent one; their counts add up
-            histograms = [ScoreHistogram.from_flat(r[key]) for r in records if key in r]
-            out[key] = sum(histograms[1:], histograms[0]).flat()
+        if key == wire.SCORE_HISTOGRAM:  # only hospitals that sent one; their (noised) counts add up, then clip
+            pooled = sum(np.asarray(r[key], dtype=np.int64) for r in records if key in r)
+            out[key] = [int(v) for v in clip_pooled(pooled)]
             continue
         out[key] = _weighted_mean([(r[key], w) for r, w in zip(records, weights) if key in r])
     return out
+
+
+def _evaluation_problem(metrics: MetricRecord | None) -> str | None:
+    """Why an evaluate reply cannot be pooled, or None. Noised counts (``EVALUATION_NOISE`` > 0) are integers of
+    any sign; exact ones are non-negative and the score histogram must count exactly ``NUM_EXAMPLES`` images."""
+    if metrics is None:
+        return "evaluate reply without metrics"
+    noise = metrics.get(wire.EVALUATION_NOISE, 0.0)
+    if not _finite(noise) or noise < 0:
+        return f"'{wire.EVALUATION_NOISE}' must be a finite number >= 0, got {noise!r}"
+    noised = noise > 0
+    n = metrics.get(wire.NUM_EXAMPLES)
+    if not _is_integer(n) or (not noised and n <= 0):
+        return f"evaluate reply without a {'' if noised else 'positive '}integer '{wire.NUM_EXAMPLES}'"
+    for key in metrics:
+        if wire.confusion_cell(key) is not None and (not _is_integer(metrics[key]) or
+                                                     (not noised and metrics[key] < 0)):
+            return f"'{key}' must be an integer count, got {metrics[key]!r}"
+    if wire.SCORE_HISTOGRAM in metrics:
+        values = np.asarray(metrics[wire.SCORE_HISTOGRAM])
+        if values.size != HISTOGRAM_CELLS or not np.all(np.isfinite(values)) \
+                or (values != np.round(values)).any() or (not noised and (values < 0).any()):
+            return f"'{wire.SCORE_HISTOGRAM}': must be {HISTOGRAM_CELLS} integer counts"
+        if not noised and int(values.sum()) != n:
+            return (f"'{wire.SCORE_HISTOGRAM}' counts {int(values.sum())} images, '{wire.NUM_EXAMPLES}' says "
+                    f"{int(n)}")
+    return None
 
 
 def _weighted_mean(pairs: list[tuple[object, float]]) -> float:
@@ -423,6 +465,11 @@ def _refusal_reason(content: RecordDict) -> str:
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and float(value) == int(value)
 
 
 def _is_count(value) -> bool:

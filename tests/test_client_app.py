@@ -25,7 +25,8 @@ def _instruction(server_round: int) -> Message:
 
 
 def _context(tmp_path, **node) -> Context:
-    node_config = {"data-dir": str(tmp_path / "data"), "state-dir": str(tmp_path / "state"), **node}
+    node_config = {"data-dir": str(tmp_path / "data"), "state-dir": str(tmp_path / "state"), "max-epsilon": 5.0,
+                   **node}
     return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
 
 
