@@ -147,9 +147,7 @@ def make_client_app(*, overrides: Mapping[str, Any] | None = None,
                                  score_histogram=bool(config.get(wire.WANT_SCORE_HISTOGRAM)),
                                  run_id=str(context.run_id))
         if release.refused:
-            content = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 0, wire.REFUSED: 1.0}),
-                                  wire.REFUSAL: ConfigRecord({wire.REASON: release.refusal})})
-            return Message(content, reply_to=msg)
+            return Message(_refusal_content(release.refusal), reply_to=msg)
         state[_EVALUATED] = done + 1
         context.state[_STATE] = state
         return Message(RecordDict({wire.METRICS: evaluation_reply_metrics(release)}), reply_to=msg)
@@ -159,7 +157,7 @@ def make_client_app(*, overrides: Mapping[str, Any] | None = None,
     def query(msg: Message, context: Context) -> Message:
         import torch
 
-        from client.explanation_round import explain_round
+        from client.node import release_explanations
 
         torch.set_num_threads(1)
         run, node = configs(context)
@@ -167,9 +165,13 @@ def make_client_app(*, overrides: Mapping[str, Any] | None = None,
         unknown = [m for m in methods if m not in EXPLANATION_METHODS]
         if unknown:
             raise ConfigError(f"'{wire.EXPLAIN_METHODS}': unknown method(s) {unknown}")
-        tally = explain_round(run=run, node=node, global_weights=_weights(msg), methods=methods,
-                              run_id=str(context.run_id))
-        return Message(RecordDict({wire.METRICS: explanation_reply_metrics(tally, node)}), reply_to=msg)
+        release = release_explanations(run=run, node=node, global_weights=_weights(msg), methods=methods,
+                                       run_id=str(context.run_id))
+        if release.refused:
+            return Message(_refusal_content(release.refusal), reply_to=msg)
+        metrics = explanation_reply_metrics(release.tally, node)
+        metrics[wire.EVALUATION_NOISE] = float(release.noise_std)
+        return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
 
     return client_app
 
@@ -282,6 +284,12 @@ def _train_content(result: TrainResult, node: NodeConfig) -> RecordDict:
     else:
         content[wire.ARRAYS] = ArrayRecord({k: Array(np.asarray(v)) for k, v in result.weights.items()})
     return content
+
+
+def _refusal_content(reason: str) -> RecordDict:
+    """An evaluation or explanation the node's policy refuses: nothing about its data, the reason."""
+    return RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 0, wire.REFUSED: 1.0}),
+                       wire.REFUSAL: ConfigRecord({wire.REASON: reason})})
 
 
 def _weights(msg: Message) -> dict[str, np.ndarray]:

@@ -169,3 +169,59 @@ def print_screen_summary(summary: dict, console: Console) -> None:
     rate = summary["images_per_second"]
     console.print(f"{summary['seconds']:.1f} s" + (f", {rate:.2f} images/s" if rate else ""), highlight=False)
     console.print(f"predictions: {summary['predictions']}\nreport: {summary['report']}", highlight=False)
+
+
+@app.command("preflight")
+def preflight_command(
+    node_config: Annotated[str, typer.Option(
+        "--node-config", metavar="'KEY=VALUE ...'",
+        help="The node's config, as given to flower-supernode (data-dir, state-dir, manifest, policy keys).")],
+    run_config: Annotated[str, typer.Option(
+        "--run-config", metavar="'KEY=VALUE ...'",
+        help="The run config the coordinator announces (keys not given take the app's defaults).")] = "",
+    json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON report on stdout.")] = False,
+) -> None:
+    """What a run would send from this node and cost it, and whether the node's policy allows it (exit 1 if not)."""
+    import click
+    from flwr.common.config import parse_config_args
+
+    from client.preflight import preflight
+    from common.run_config import ConfigError, NodeConfig, RunConfig
+
+    errors = Console(stderr=True)
+    try:
+        run = RunConfig.from_flower(parse_config_args([run_config]) if run_config.strip() else {})
+        node = NodeConfig.from_flower(parse_config_args([node_config]), run=run)
+        with contextlib.redirect_stdout(sys.stderr):
+            plan = preflight(run, node)
+    except (ConfigError, FileNotFoundError, ManifestError, MiasError, ValueError, click.ClickException) as exc:
+        message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
+        errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    if json_output:
+        sys.stdout.write(json.dumps(plan.to_json(), indent=2) + "\n")
+    else:
+        print_preflight(plan.to_json(), Console())
+    if not plan.allowed:
+        raise typer.Exit(1)
+
+
+def print_preflight(plan: dict, console: Console) -> None:
+    """The readable form of a preflight report."""
+    verdict = "[bold green]allowed[/]" if plan["allowed"] else "[bold red]refused[/]"
+    console.print(f"policy: {verdict}; epsilon {plan['epsilon_now']:.3f} now, {plan['epsilon_after']:.3f} after "
+                  f"this run (budget {plan['max_epsilon']:g}, on {plan['budget_basis']})", highlight=False)
+    for reason in plan["refusals"]:
+        console.print(f"  {escape(reason)}", highlight=False)
+    facts = Table(title="the run at this node", show_header=False)
+    facts.add_column("what")
+    facts.add_column("value", overflow="fold")
+    facts.add_row("images", f"{plan['train_images']} training, {plan['validation_images']} validation")
+    facts.add_row("model", f"{plan['model']['kind']}: {plan['model']['parameters']:,} parameters, "
+                           f"{plan['model']['bytes_per_update_float32']:,} bytes per update (float32)")
+    facts.add_row("DP", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                  for k, v in plan["dp"].items()))
+    facts.add_row("releases", ", ".join(f"{k} {v}" for k, v in plan["releases"].items()))
+    for kind, keys in plan["sends"].items():
+        facts.add_row(f"sends ({kind})", ", ".join(keys))
+    console.print(facts)

@@ -22,6 +22,8 @@ Evaluation (``evaluate_round``) releases counts over the validation split only a
 Gaussian noise on every count, charged to the ledger like a training step (``common.private_counts``); ``clear``
 releases exact counts outside epsilon; ``refuse`` releases nothing; at most ``max-evaluations-per-run`` times.
 
+Explanation counts (``release_explanations``) follow the same policy (noised and charged, clear, or refused).
+
 Only the model weights (or the masked gradient sum) and aggregate numbers are returned.
 """
 
@@ -314,3 +316,46 @@ def evaluate_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str
                             delta=delta, run_id=run_id, server_round=server_round, kind="evaluation")
     return EvaluationRelease(num_examples=int(noised_confusion.sum()), confusion=noised_confusion,
                              score_histogram=noised_histogram, noise_std=std, epsilon=epsilon)
+
+
+@dataclass(frozen=True)
+class ExplanationRelease:
+    """The localisation tally as the node's policy lets it leave (noised when `noise_std` > 0), or a refusal."""
+
+    tally: object | None  # client.explanation_round.LocalisationTally
+    noise_std: float = 0.0
+    refusal: str | None = None
+
+    @property
+    def refused(self) -> bool:
+        return self.refusal is not None
+
+
+def release_explanations(*, run: RunConfig, node: NodeConfig, global_weights: dict[str, np.ndarray],
+                         methods: tuple[str, ...], run_id: str,
+                         rng: np.random.Generator | None = None) -> ExplanationRelease:
+    """Explain the global model on the validation split (``client.explanation_round``) and release the counts
+    as the policy allows: noised and charged to the ledger (one release), in clear, or not at all."""
+    from client.explanation_round import explain_round, noised_tally
+
+    policy = node.policy
+    if policy.evaluation == "refuse":
+        return ExplanationRelease(None, refusal="refused: this node's policy does not release evaluation results "
+                                                "(evaluation = refuse)")
+    delta = policy.accounting_delta(run.delta)
+    ledger = PrivacyLedger(node.ledger_path, mechanism=policy.accountant)
+    if policy.evaluation == "noised":
+        decision = ledger.check_budget(noise_multiplier=policy.evaluation_noise_multiplier,
+                                       sample_rate=private_counts.RELEASE_SAMPLE_RATE,
+                                       steps=private_counts.RELEASE_STEPS, delta=delta,
+                                       max_epsilon=policy.max_epsilon, on_aggregate=policy.budget_on_aggregate)
+        if not decision.allowed:
+            return ExplanationRelease(None, refusal=decision.reason)
+    tally = explain_round(run=run, node=node, global_weights=global_weights, methods=methods, run_id=run_id)
+    if policy.evaluation == "clear":
+        return ExplanationRelease(tally)
+    noised, std = noised_tally(tally, noise_multiplier=policy.evaluation_noise_multiplier,
+                               rng=rng or np.random.default_rng())
+    ledger.record(noise_multiplier=policy.evaluation_noise_multiplier, sample_rate=private_counts.RELEASE_SAMPLE_RATE,
+                  steps=private_counts.RELEASE_STEPS, delta=delta, run_id=run_id, kind="explanation")
+    return ExplanationRelease(noised, noise_std=std)

@@ -54,7 +54,7 @@ DP_ENABLED = "dp-enabled"  # 1.0 / 0.0
 REFUSED = "refused"  # 1.0 in a refusal reply, 0.0 otherwise
 PARTITION_ID = "partition-id"  # simulation only: which virtual hospital replied (a number, never a name)
 MAX_EPSILON = "max-epsilon"  # the node's own budget (reported with a refusal)
-ACCOUNTANT = "accountant"  # the node's accountant, as its index in common.node_policy.ACCOUNTANTS
+ACCOUNTANT = "accountant"  # optional: the node's accountant, as its index in common.node_policy.ACCOUNTANTS
 
 # ---------------------------------------------------------------- federated explanations (query messages)
 #: Query instruction: ``{ARRAYS: global weights, CONFIG: {EXPLAIN_METHODS: "cell_scores,grad_cam"}}``. The node
@@ -123,7 +123,6 @@ TRAIN_METRIC_KEYS: tuple[str, ...] = (
     EPSILON,
     EPSILON_OWN_NOISE,
     DELTA,
-    ACCOUNTANT,
     NOISE_MULTIPLIER,
     AGGREGATE_NOISE_MULTIPLIER,
     MAX_GRAD_NORM,
@@ -134,5 +133,5 @@ TRAIN_METRIC_KEYS: tuple[str, ...] = (
 #: Keys every secure (distributed-noise) train reply carries: no train loss, NUM_EXAMPLES always 1.
 SECURE_TRAIN_METRIC_KEYS: tuple[str, ...] = tuple(k for k in TRAIN_METRIC_KEYS if k != TRAIN_LOSS)
 #: Keys every refusal reply carries.
-REFUSAL_METRIC_KEYS: tuple[str, ...] = (NUM_EXAMPLES, REFUSED, EPSILON, EPSILON_OWN_NOISE, DELTA, ACCOUNTANT,
-                                        MAX_EPSILON, STEPS)
+REFUSAL_METRIC_KEYS: tuple[str, ...] = (NUM_EXAMPLES, REFUSED, EPSILON, EPSILON_OWN_NOISE, DELTA, MAX_EPSILON,
+                                        STEPS)

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 HISTOGRAM_CELLS = int(np.prod(HISTOGRAM_SHAPE))
 
-_OPTIONAL_TRAIN_KEYS = {wire.PARTITION_ID}
+_OPTIONAL_TRAIN_KEYS = {wire.PARTITION_ID, wire.ACCOUNTANT}
 _PRIVACY_FIELDS = {  # wire key -> privacy report field
     wire.EPSILON: "epsilon",
     wire.EPSILON_OWN_NOISE: "epsilon_own_noise",
