@@ -63,8 +63,8 @@ class NodePolicy:
                 if value not in allowed:
                     raise PolicyError(f"node config '{key}': must be one of {', '.join(allowed)}; got {value!r}")
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise PolicyError(f"node config '{key}': expected a finite number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+                raise PolicyError(f"node config '{key}': expected a finite number, got {str(value)[:40]!r}")
             if kind is int and int(value) != value:
                 raise PolicyError(f"node config '{key}': expected an integer, got {value!r}")
         if self.max_epsilon <= 0:
@@ -93,7 +93,7 @@ class NodePolicy:
                               "(flower-supernode --node-config \"max-epsilon=8\")")
         kwargs = {}
         for key, value in merged.items():
-            if isinstance(value, int) and not isinstance(value, bool) and key in _FLOAT_KEYS:
+            if isinstance(value, int) and not isinstance(value, bool) and key in _FLOAT_KEYS and _finite(value):
                 value = float(value)
             kwargs[key.replace("-", "_")] = value
         return cls(**kwargs)
@@ -132,6 +132,13 @@ class NodePolicy:
             return (f"refused: this node has evaluated {evaluations_done} times in this run, its policy "
                     f"max-evaluations-per-run")
         return None
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 POLICY_KEYS = tuple(f.name.replace("_", "-") for f in fields(NodePolicy))

@@ -354,7 +354,10 @@ def _coerce(channel: str, key: str, value: Any, f) -> Any:
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{channel} '{key}': expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{channel} '{key}': {str(value)[:20]}... is out of range") from None
     if not isinstance(value, str):
         raise ConfigError(f"{channel} '{key}': expected a string, got {value!r}")
     return value
@@ -385,8 +388,8 @@ def _check_value(name: str, value: Any, f) -> None:
     if meta["choices"] and value not in meta["choices"]:
         raise ConfigError(f"run config '{key}': must be one of {', '.join(meta['choices'])}; got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise ConfigError(f"run config '{key}': must be finite, got {value!r}")
+        if not _finite(value):
+            raise ConfigError(f"run config '{key}': must be finite, got {str(value)[:20]!r}")
         low, high = meta["low"], meta["high"]
         if low is not None and (value < low or (meta["low_open"] and value == low)):
             bound = ">" if meta["low_open"] else ">="
@@ -394,6 +397,13 @@ def _check_value(name: str, value: Any, f) -> None:
         if high is not None and (value > high or (meta["high_open"] and value == high)):
             bound = "<" if meta["high_open"] else "<="
             raise ConfigError(f"run config '{key}': must be {bound} {high}, got {value!r}")
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 def _node_int(values: Mapping[str, Any], key: str) -> int | None:
@@ -414,10 +424,20 @@ def _node_path(values: Mapping[str, Any], key: str, *, required: bool = False) -
         return None
     if not isinstance(value, str):
         raise ConfigError(f"node config '{key}': expected a path string, got {value!r}")
-    return Path(value).expanduser().resolve()
+    return _resolved("node config", key, value)
+
+
+def _resolved(channel: str, key: str, value: str) -> Path:
+    """An absolute path; a NUL byte or an unknown ``~user`` is a config error naming the key."""
+    if "\0" in value:
+        raise ConfigError(f"{channel} '{key}': a path cannot contain a NUL byte")
+    try:
+        return Path(value).expanduser().resolve()
+    except (RuntimeError, OSError, ValueError) as error:
+        raise ConfigError(f"{channel} '{key}': cannot resolve path {value[:60]!r} ({error})") from None
 
 
 def _run_path(value: str, key: str) -> Path:
     if not value:
         raise ConfigError(f"run config '{key}' is required in simulation")
-    return Path(value).expanduser().resolve()
+    return _resolved("run config", key, value)
