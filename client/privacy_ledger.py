@@ -54,6 +54,7 @@ from typing import Any
 from common.privacy import DEFAULT_MECHANISM, PrivacyAccountant
 
 FORMAT_VERSION = 2
+LEDGER_FILE_NAME = "privacy-ledger.json"  # inside a node's state-dir (``NodeConfig.ledger_path``)
 _READABLE_VERSIONS = (1, 2)
 LOCK_TIMEOUT_S = 60.0  # a writer holds the lock for milliseconds; longer means a hung process
 _LOCK_POLL_S = 0.005
