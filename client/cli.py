@@ -97,6 +97,84 @@ def print_summary(report: ScanReport, console: Console) -> None:
         console.print(f"metadata files: {', '.join(report.metadata_files)}", highlight=False)
 
 
+@app.command("ledger")
+def ledger_command(
+    state_dir: Annotated[Path, typer.Option("--state-dir", metavar="DIR", help="The node's state-dir.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
+    max_epsilon: Annotated[
+        float | None, typer.Option("--max-epsilon", min=0.0, help="The node's budget: show what is left of it.")
+    ] = None,
+    delta: Annotated[
+        float | None, typer.Option("--delta", help="Delta of every epsilon shown (default: the latest entry's).")
+    ] = None,
+) -> None:
+    """Privacy releases this node recorded: per round its DP-SGD steps and the epsilon spent up to it; totals."""
+    # imported here: the ledger computes epsilon with Opacus, which loads torch
+    from client.privacy_ledger import LEDGER_FILE_NAME, LedgerError, PrivacyLedger, ledger_statement
+
+    errors = Console(stderr=True)
+    try:
+        if not state_dir.is_dir():
+            raise FileNotFoundError(f"{state_dir}: no such state-dir")
+        if delta is not None and not 0 < delta < 1:
+            raise ValueError(f"--delta must be in (0, 1), got {delta:g}")
+        statement = ledger_statement(PrivacyLedger(state_dir / LEDGER_FILE_NAME), delta=delta,
+                                     max_epsilon=max_epsilon)
+    except (FileNotFoundError, ValueError, LedgerError) as exc:
+        errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    if json_output:
+        sys.stdout.write(json.dumps(statement, indent=2) + "\n")
+    else:
+        print_ledger(statement, Console())
+
+
+def print_ledger(statement: dict, console: Console) -> None:
+    """The readable form of a ledger statement (`client.privacy_ledger.ledger_statement`)."""
+    console.print(f"[bold]privacy ledger[/] {escape(statement['ledger'])}", highlight=False)
+    if not statement["releases"] and not statement["totals"]["steps"]:
+        console.print("no releases recorded: nothing spent")
+    both = statement["distributed"]
+    delta = statement["delta"]
+    if statement["releases"]:
+        table = Table(title=f"releases (epsilon at delta {delta:g}, accountant {statement['mechanism']})")
+        for name in ("time", "run", "round", "steps", "sample rate", "noise"):
+            table.add_column(name, justify="left" if name in ("time", "run") else "right")
+        if both:
+            table.add_column("noise of sum", justify="right")
+        table.add_column("epsilon (own noise)" if both else "epsilon", justify="right")
+        if both:
+            table.add_column("epsilon (sum)", justify="right")
+        for release in statement["releases"]:
+            round_ = release["server_round"]
+            row = [release["time"] or "", escape(str(release["run_id"] or "")), "" if round_ is None else str(round_),
+                   str(release["steps"]), f"{release['sample_rate']:.4g}", f"{release['noise_multiplier']:.4g}"]
+            if both:
+                row.append(f"{release['aggregate_noise_multiplier']:.4g}")
+            row.append(f"{release['epsilon']:.3f}")
+            if both:
+                row.append(f"{release['epsilon_aggregate']:.3f}")
+            table.add_row(*row)
+        console.print(table)
+    totals = statement["totals"]
+    line = f"total: {totals['releases']} releases, {totals['steps']} steps"
+    if delta is not None:
+        line += f", epsilon {totals['epsilon']:.3f}"
+        if both:
+            line += f" (own noise), {totals['epsilon_aggregate']:.3f} (sum)"
+        line += f" at delta {delta:g}"
+    console.print(line, highlight=False)
+    if totals["unlisted_steps"]:
+        console.print(f"[yellow]{totals['unlisted_steps']} steps in the history have no entry[/] "
+                      "(recorded by an older version)", highlight=False)
+    budget = statement["budget"]
+    if budget is not None:
+        line = f"budget: max-epsilon {budget['max_epsilon']:g}, left {budget['remaining']:.3f}"
+        if both:
+            line += f" (own noise), {budget['remaining_aggregate']:.3f} (sum)"
+        console.print(line, highlight=False)
+
+
 @app.command("screen")
 def screen_command(
     inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help="DICOM/PNG/PGM files or folders.")],

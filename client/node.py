@@ -3,14 +3,16 @@
 Plain functions (no Flower) between ``client.app``'s handlers and ``client.training``. The node's lifetime budget
 is enforced HERE, from its own ledger on its own disk, never from what the coordinator says:
 
-- before training, the ledger checks the planned DP-SGD steps against the node's ``max-epsilon``; a round that
-  would exceed it is refused (no weights leave the node, the reason does);
 - the node's own policy (``common.node_policy``, node config) decides delta, accountant and budget; a run that
   asks for less privacy than it allows (no DP, a smaller noise multiplier, more rounds) is refused, naming the
   key; a deployed node never trains without DP (run config ``dp = false`` would make its privacy loss
   unbounded);
+- before training, the ledger checks the planned DP-SGD steps against the policy's ``max-epsilon`` and, if they
+  fit, records them, both under its lock (``PrivacyLedger.spend``: two processes of one node cannot overspend
+  together); a round that would exceed it is refused (no weights leave the node, the reason does);
 - a round number already trained in this run is refused (a replayed instruction must not spend budget twice);
-- after training, the steps are recorded in the ledger BEFORE the reply leaves, so a crash can only over-count.
+- the steps are thus recorded BEFORE training and before the reply leaves, so a crash or a failed round can only
+  over-count; training that took more than was charged withholds the update.
 
 Distributed noise (``train_secure_round``, ``common.distributed_dp``): the node takes one DP-SGD step with its
 noise share sigma / sqrt(T) and returns its noised clipped gradient sum, which leaves the node only masked by
@@ -36,8 +38,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from client.hospital_data import HospitalData, load_hospital
-from client.privacy_ledger import PrivacyLedger
-from client.training import DPConfig, EvalOutcome, LocalTrainConfig, evaluate_local, plan_dp_round, train_local
+from client.privacy_ledger import LedgerError, PrivacyLedger
+from client.training import (DPConfig, EvalOutcome, LocalTrainConfig, TrainOutcome, evaluate_local, plan_dp_round,
+                             train_local)
 from common.device import default_device
 from common.distributed_dp import SecureSumRange, check_secure_sum, share_noise_multiplier
 from common import private_counts
@@ -146,26 +149,43 @@ def train_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str, n
         return refuse(objection)
     data = hospital_data(node, run)
     config = local_train_config(run, server_round=server_round, proximal_mu=proximal_mu, policy=policy)
+    prior_state = ledger.accountant_state()
     if run.dp:
         plan = plan_dp_round(len(data.train), config=config)
-        decision = ledger.check_budget(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                                       steps=plan.steps, delta=delta, max_epsilon=policy.max_epsilon,
-                                       on_aggregate=policy.budget_on_aggregate)
-        if not decision.allowed:
-            return refuse(decision.reason)
+        spend = ledger.spend(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps,
+                             delta=delta, max_epsilon=policy.max_epsilon, on_aggregate=policy.budget_on_aggregate,
+                             run_id=run_id, server_round=server_round)
+        if not spend.allowed:
+            return refuse(spend.reason)
+        prior_state = spend.prior_state
     model = build_model(run.model_config())
     load_weights(model, global_weights, source=f"round {server_round} global model")
-    outcome = train_local(model, data.train, config=config, accountant_state=ledger.accountant_state(),
-                          device=default_device())
+    outcome = train_local(model, data.train, config=config, accountant_state=prior_state, device=default_device())
     if run.dp:
-        own = ledger.record(noise_multiplier=outcome.noise_multiplier, sample_rate=outcome.sample_rate,
-                            steps=outcome.steps, delta=delta, run_id=run_id, server_round=server_round)
+        _check_within_spend(outcome, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                            steps=plan.steps, server_round=server_round)
+        ledger.reload()  # cumulative, with whatever this node's other processes spent meanwhile
+        own = ledger.epsilon(delta)
         epsilon = ledger.epsilon(delta, aggregate=True)  # differs from `own` after distributed rounds
     else:
         own = epsilon = math.inf
     return TrainResult(weights=exchanged_weights(model), num_examples=outcome.num_examples,
                        train_loss=outcome.train_loss, epsilon=epsilon, steps=ledger.total_steps,
                        epsilon_own_noise=own, aggregate_noise_multiplier=run.noise_multiplier, **base)
+
+
+def _check_within_spend(outcome: TrainOutcome, *, noise_multiplier: float, sample_rate: float, steps: int,
+                        server_round: int) -> None:
+    """Training must have taken no more than the ledger was charged before it (`PrivacyLedger.spend`); if it did,
+    nothing may leave the node."""
+    if (outcome.steps > steps or outcome.sample_rate != sample_rate
+            or outcome.noise_multiplier != noise_multiplier):
+        raise LedgerError(f"round {server_round}: training took {outcome.steps} steps at sample rate "
+                          f"{outcome.sample_rate} with noise {outcome.noise_multiplier}, but the ledger was charged "
+                          f"{steps} steps at {sample_rate} with noise {noise_multiplier}; the update is withheld")
+    if outcome.steps < steps:
+        log.info("round %d: %d DP-SGD steps taken, %d charged (the ledger over-counts)", server_round,
+                 outcome.steps, steps)
 
 
 def secure_train_config(run: RunConfig, *, server_round: int, threshold: int,
@@ -237,16 +257,18 @@ def train_secure_round(*, run: RunConfig, node: NodeConfig, global_weights: dict
         return refuse(f"refused: {problem}")
     data = hospital_data(node, run)
     plan = plan_dp_round(len(data.train), config=config)
-    decision = ledger.check_budget(noise_multiplier=share, aggregate_noise_multiplier=aggregate_noise,
-                                   sample_rate=plan.sample_rate, steps=plan.steps, delta=delta,
-                                   max_epsilon=policy.max_epsilon, on_aggregate=policy.budget_on_aggregate)
-    if not decision.allowed:
-        return refuse(decision.reason)
-    outcome = train_local(model, data.train, config=config, accountant_state=ledger.accountant_state(),
+    spend = ledger.spend(noise_multiplier=share, aggregate_noise_multiplier=aggregate_noise,
+                         sample_rate=plan.sample_rate, steps=plan.steps, delta=delta,
+                         max_epsilon=policy.max_epsilon, on_aggregate=policy.budget_on_aggregate, run_id=run_id,
+                         server_round=server_round)
+    if not spend.allowed:
+        return refuse(spend.reason)
+    outcome = train_local(model, data.train, config=config, accountant_state=spend.prior_state,
                           device=default_device())
-    own = ledger.record(noise_multiplier=share, aggregate_noise_multiplier=aggregate_noise,
-                        sample_rate=outcome.sample_rate, steps=outcome.steps, delta=delta, run_id=run_id,
+    _check_within_spend(outcome, noise_multiplier=share, sample_rate=plan.sample_rate, steps=plan.steps,
                         server_round=server_round)
+    ledger.reload()
+    own = ledger.epsilon(delta)
     after = exchanged_weights(model)
     scale = outcome.expected_batch_size / (run.lr * run.max_grad_norm)  # SGD step = -lr * noised sum / E
     gradient_sum = {k: ((start[k].astype(np.float64) - after[k]) * scale).astype(np.float32) for k in start}
@@ -290,14 +312,11 @@ def evaluate_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str
     delta = policy.accounting_delta(run.delta)
     ledger = PrivacyLedger(node.ledger_path, mechanism=policy.accountant)
     blocks = 2 if score_histogram else 1
-    if policy.evaluation == "noised":
-        decision = ledger.check_budget(noise_multiplier=policy.evaluation_noise_multiplier,
-                                       sample_rate=private_counts.RELEASE_SAMPLE_RATE,
-                                       steps=private_counts.RELEASE_STEPS, delta=delta,
-                                       max_epsilon=policy.max_epsilon, on_aggregate=policy.budget_on_aggregate)
-        if not decision.allowed:
-            log.warning("round %d evaluation: %s", server_round, decision.reason)
-            return EvaluationRelease(num_examples=0, confusion=None, refusal=decision.reason)
+    if policy.evaluation == "noised":  # charged before anything is computed: a crash can only over-count
+        spend = _spend_release(ledger, policy, delta, run_id=run_id, server_round=server_round, kind="evaluation")
+        if not spend.allowed:
+            log.warning("round %d evaluation: %s", server_round, spend.reason)
+            return EvaluationRelease(num_examples=0, confusion=None, refusal=spend.reason)
     data = hospital_data(node, run)
     model = build_model(run.model_config())
     load_weights(model, global_weights, source=f"round {server_round} global model")
@@ -311,9 +330,8 @@ def evaluate_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str
     rng = rng or np.random.default_rng()  # fresh entropy: a seed the coordinator knew would undo the noise
     noised_confusion = private_counts.release_counts(confusion, std=std, rng=rng)
     noised_histogram = None if histogram is None else private_counts.release_counts(histogram, std=std, rng=rng)
-    epsilon = ledger.record(noise_multiplier=policy.evaluation_noise_multiplier,
-                            sample_rate=private_counts.RELEASE_SAMPLE_RATE, steps=private_counts.RELEASE_STEPS,
-                            delta=delta, run_id=run_id, server_round=server_round, kind="evaluation")
+    ledger.reload()
+    epsilon = ledger.epsilon(delta)
     return EvaluationRelease(num_examples=int(noised_confusion.sum()), confusion=noised_confusion,
                              score_histogram=noised_histogram, noise_std=std, epsilon=epsilon)
 
@@ -345,17 +363,21 @@ def release_explanations(*, run: RunConfig, node: NodeConfig, global_weights: di
     delta = policy.accounting_delta(run.delta)
     ledger = PrivacyLedger(node.ledger_path, mechanism=policy.accountant)
     if policy.evaluation == "noised":
-        decision = ledger.check_budget(noise_multiplier=policy.evaluation_noise_multiplier,
-                                       sample_rate=private_counts.RELEASE_SAMPLE_RATE,
-                                       steps=private_counts.RELEASE_STEPS, delta=delta,
-                                       max_epsilon=policy.max_epsilon, on_aggregate=policy.budget_on_aggregate)
-        if not decision.allowed:
-            return ExplanationRelease(None, refusal=decision.reason)
+        spend = _spend_release(ledger, policy, delta, run_id=run_id, server_round=None, kind="explanation")
+        if not spend.allowed:
+            return ExplanationRelease(None, refusal=spend.reason)
     tally = explain_round(run=run, node=node, global_weights=global_weights, methods=methods, run_id=run_id)
     if policy.evaluation == "clear":
         return ExplanationRelease(tally)
     noised, std = noised_tally(tally, noise_multiplier=policy.evaluation_noise_multiplier,
                                rng=rng or np.random.default_rng())
-    ledger.record(noise_multiplier=policy.evaluation_noise_multiplier, sample_rate=private_counts.RELEASE_SAMPLE_RATE,
-                  steps=private_counts.RELEASE_STEPS, delta=delta, run_id=run_id, kind="explanation")
     return ExplanationRelease(noised, noise_std=std)
+
+
+def _spend_release(ledger: PrivacyLedger, policy: NodePolicy, delta: float, *, run_id: str | None,
+                   server_round: int | None, kind: str):
+    """Charge one release of noised counts (``common.private_counts``) to the ledger, or refuse it."""
+    return ledger.spend(noise_multiplier=policy.evaluation_noise_multiplier,
+                        sample_rate=private_counts.RELEASE_SAMPLE_RATE, steps=private_counts.RELEASE_STEPS,
+                        delta=delta, max_epsilon=policy.max_epsilon, on_aggregate=policy.budget_on_aggregate,
+                        run_id=run_id, server_round=server_round, kind=kind)
