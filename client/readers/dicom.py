@@ -56,10 +56,16 @@ def read_dicom(path: Path, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> Decoded
 
     `max_image_bytes` caps what the header may declare (see `base.check_declared_size`)."""
     data = _read_bytes(Path(path))
-    ds = _parse(data)
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")  # pydicom's value and decoder warnings; refusals carry the reasons
-        return _decoded(ds, max_image_bytes)
+    try:
+        ds = _parse(data)
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")  # pydicom's value and decoder warnings; refusals carry the reasons
+            return _decoded(ds, max_image_bytes)
+    except UnreadableImage:
+        raise
+    except Exception as error:  # pydicom converts raw values lazily: any access may meet a corrupt one
+        logger.debug("DICOM file refused on %s", type(error).__name__)
+        raise UnreadableImage(f"corrupt DICOM data ({type(error).__name__})") from None
 
 
 def _decoded(ds: Dataset, max_image_bytes: int) -> DecodedImage:
