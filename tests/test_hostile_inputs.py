@@ -237,13 +237,17 @@ def hospital(tmp_path):
     return folder
 
 
-def manifest_problems(folder: Path, rows: list[str], **kwargs) -> list[tuple[int, str, str]]:
+def manifest_error(folder: Path, rows: list[str]) -> ManifestError:
     path = folder / "manifest.csv"
     path.write_text("file,label,patient_id\n" + "".join(row + "\n" for row in rows))
     with pytest.raises(ManifestError) as caught:
-        read_manifest(path, **kwargs)
+        read_manifest(path)
     assert len(str(caught.value)) < 2000  # values are shortened, never echoed whole
-    return [(problem.row, problem.field, problem.reason) for problem in caught.value.problems]
+    return caught.value
+
+
+def manifest_problems(folder: Path, rows: list[str]) -> list[tuple[int, str, str]]:
+    return [(problem.row, problem.field, problem.reason) for problem in manifest_error(folder, rows).problems]
 
 
 def test_hostile_manifest_cells_are_row_problems(hospital):
@@ -256,6 +260,8 @@ def test_hostile_manifest_cells_are_row_problems(hospital):
         (6, "patient_id", "contains a NUL byte"),
         (7, "row", "not CSV (field larger than field limit (131072))"),
     ]
+    values = [problem.value for problem in manifest_error(hospital, rows).problems]
+    assert values == ["b\\0.png", "x" * 60 + "... (5,004 characters)", "", "P5\\0", ""]
 
 
 def test_file_name_too_long_for_the_file_system(hospital):

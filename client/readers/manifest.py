@@ -48,15 +48,12 @@ class ManifestProblem:
     value: str
     reason: str
 
+    def __post_init__(self) -> None:
+        if len(self.value) > _SHOWN_CHARS:  # a problem keeps a shortened value, never a whole hostile cell
+            object.__setattr__(self, "value", f"{self.value[:_SHOWN_CHARS]}... ({len(self.value):,} characters)")
+
     def __str__(self) -> str:
-        return f"row {self.row}, {self.field}={_shown(self.value)!r}: {self.reason}"
-
-
-def _shown(value: str) -> str:
-    """A cell as a problem shows it: at most `_SHOWN_CHARS` characters."""
-    if len(value) <= _SHOWN_CHARS:
-        return value
-    return f"{value[:_SHOWN_CHARS]}... ({len(value):,} characters)"
+        return f"row {self.row}, {self.field}={self.value!r}: {self.reason}"
 
 
 class ManifestError(ValueError):
@@ -161,7 +158,7 @@ def _parse_row(
     found: list[ManifestProblem] = []
 
     def bad(field: str, value: str, reason: str) -> None:
-        found.append(ManifestProblem(number, field, _shown(value), reason))
+        found.append(ManifestProblem(number, field, value, reason))
 
     if len(fields) != len(header):
         bad("row", ",".join(fields), f"{len(fields)} fields, the header has {len(header)}")
