@@ -37,6 +37,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Stage
 
 from client.console import quiet_known_notices
+from client.readers.base import is_decoder_panic
 from common import wire
 from common.distributed_dp import SecureSumError, SecureSumRange
 from common.node_policy import ACCOUNTANTS
@@ -93,6 +94,11 @@ def _confined(stage: str) -> Callable:
                 log.exception("%s failed", stage)
                 raise NodeFailure(f"{type(error).__name__} during {stage}; the details are in the hospital's "
                                   f"own log") from None
+            except BaseException as error:
+                if not is_decoder_panic(error):
+                    raise  # KeyboardInterrupt, SystemExit
+                log.exception("%s failed: a decoder panicked", stage)
+                raise NodeFailure(f"PanicException during {stage}; the details are in the hospital's own log") from None
         return wrapped
     return decorate
 

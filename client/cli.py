@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from client.dataset_scan import ScanReport, scan_folder
+from client.readers.base import MAX_IMAGE_BYTES
 from client.readers.manifest import ManifestError
 from client.readers.mias import MiasError
 
@@ -44,13 +45,17 @@ def check_data(
         Path | None, typer.Option("--manifest", metavar="CSV", help="file,label,patient_id[,...] manifest.")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON report on stdout.")] = False,
+    max_image_mb: Annotated[
+        float, typer.Option("--max-image-mb", min=0.001, metavar="MB",
+                            help="Skip images whose header declares more pixel data than this (MiB), undecoded.")
+    ] = MAX_IMAGE_BYTES / 2**20,
 ) -> None:
     """Scan DIR: images usable, files skipped and why, classes, patients, views, bit depths."""
     errors = Console(stderr=True)
     try:
         # Libraries must not write into the JSON: anything they print goes to stderr while scanning.
         with contextlib.redirect_stdout(sys.stderr):
-            report = scan_folder(folder, manifest)
+            report = scan_folder(folder, manifest, max_image_bytes=int(max_image_mb * 2**20))
     except (FileNotFoundError, ManifestError, MiasError) as exc:
         errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT) from exc
