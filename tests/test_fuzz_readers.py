@@ -70,29 +70,24 @@ def test_mutated_real_dicom_headers_never_escape(workspace, real_headers, choice
 
 
 # ---------------------------------------------------------------- config parsers on typed values
-# Known defects of common/run_config.py (not the readers'; left to the run-config owners), found by these tests:
-# an integer beyond float range for a numeric key raises OverflowError (`_coerce`, `_check_value`); a path with a
-# NUL byte raises ValueError and `~unknown-user/...` RuntimeError (`_node_path`). Until fixed, the tests below
-# expect exactly those types (xfail, not strict: they pass once fixed); any other escape fails them.
-RUN_CONFIG_DEFECTS = pytest.mark.xfail(raises=OverflowError, strict=False,
-                                       reason="common/run_config.py: int beyond float range -> OverflowError")
-NODE_CONFIG_DEFECTS = pytest.mark.xfail(raises=(ValueError, RuntimeError, OverflowError), strict=False,
-                                        reason="common/run_config.py _node_path: NUL byte -> ValueError, "
-                                               "~unknown-user -> RuntimeError")
+# Found by these tests and fixed in common/run_config.py: an integer beyond float range for a numeric key
+# (OverflowError), a path with a NUL byte (ValueError) and `~unknown-user/...` (RuntimeError) escaped as non-config
+# errors.
 CONFIG_FUZZ = settings(FUZZ, report_multiple_bugs=False)
 
 
-@RUN_CONFIG_DEFECTS
-def test_known_defect_run_config_huge_integer():
-    with pytest.raises(ConfigError):
-        RunConfig.from_flower({"lr": 10**400})
+@pytest.mark.parametrize("values, message", [({"lr": 10**400}, "'lr': 1000"),
+                                             ({"num-server-rounds": 10**400}, "'num-server-rounds': must be finite")])
+def test_run_config_huge_integer_is_a_config_error(values, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_flower(values)
 
 
-@NODE_CONFIG_DEFECTS
-@pytest.mark.parametrize("path", ["a\x00b", "~no-such-user-here/data"])
-def test_known_defect_node_config_paths(path):
-    with pytest.raises(ConfigError):
-        NodeConfig.from_flower({"data-dir": path, "state-dir": "/var/lib/x"}, run=RunConfig())
+@pytest.mark.parametrize("path, message", [("a\x00b", "a path cannot contain a NUL byte"),
+                                           ("~no-such-user-here/data", "cannot resolve path")])
+def test_node_config_bad_paths_are_config_errors(path, message):
+    with pytest.raises(ConfigError, match=f"node config 'data-dir': {message}"):
+        NodeConfig.from_flower({"data-dir": path, "state-dir": "/var/lib/x", "max-epsilon": 1.0}, run=RunConfig())
 
 config_values = st.one_of(
     st.none(), st.booleans(), st.integers(), st.integers(-(10**400), 10**400), st.floats(), st.text(max_size=40),
@@ -103,7 +98,6 @@ run_keys = st.one_of(st.sampled_from(sorted(RunConfig.defaults())), st.text(max_
 node_keys = st.one_of(st.sampled_from(NodeConfig.KEYS), st.text(max_size=20))
 
 
-@RUN_CONFIG_DEFECTS
 @CONFIG_FUZZ
 @given(values=st.dictionaries(run_keys, config_values, max_size=6))
 def test_run_config_from_flower_raises_only_config_errors(values):
@@ -123,7 +117,6 @@ def test_parse_assignments_raises_only_config_errors(lines):
         pass
 
 
-@NODE_CONFIG_DEFECTS
 @CONFIG_FUZZ
 @given(values=st.dictionaries(node_keys, config_values, max_size=6))
 def test_node_config_from_flower_raises_only_config_errors(values):
