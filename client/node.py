@@ -7,7 +7,9 @@ is enforced HERE, from its own ledger on its own disk, never from what the coord
   would exceed it is refused (no weights leave the node, the reason does);
 - a deployed node (not a simulation) refuses to train without DP at all (run config ``dp = false`` would make
   its privacy loss unbounded);
-- a round number already trained in this run is refused (a replayed instruction must not spend budget twice);
+- a round number already trained in this run is refused (a replayed instruction must not spend budget twice),
+  and so is a round the ledger holds under the instruction's run key (the coordinator's run identity, the same
+  after it was restarted and resumed its run as a new Flower run);
 - after training, the steps are recorded in the ledger BEFORE the reply leaves, so a crash can only over-count.
 
 Distributed noise (``train_secure_round``, ``common.distributed_dp``): the node takes one DP-SGD step with its
@@ -97,7 +99,7 @@ def hospital_data(node: NodeConfig, run: RunConfig) -> HospitalData:
 
 def train_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str, np.ndarray], server_round: int,
                 proximal_mu: float = 0.0, trained_rounds: frozenset[int] = frozenset(),
-                run_id: str | None = None) -> TrainResult:
+                run_id: str | None = None, run_key: str | None = None) -> TrainResult:
     """Train one round from `global_weights`, or refuse (see the module doc)."""
     ledger = PrivacyLedger(node.ledger_path, mechanism=run.accountant)
     spent = ledger.epsilon(run.delta, aggregate=True)
@@ -113,7 +115,7 @@ def train_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str, n
     if run.distributed_dp:
         return refuse("refused: the run uses distributed noise, which needs secure aggregation, but this "
                       "training message came without it: this node's update would leave in clear")
-    if server_round in trained_rounds:
+    if server_round in trained_rounds or (run_key and ledger.has_trained(run_key, server_round)):
         return refuse(f"refused: round {server_round} was already trained by this node in this run")
     if not run.dp and not node.is_simulation:
         return refuse("refused: the run asks for training without differential privacy (dp = false); this node "
@@ -133,7 +135,8 @@ def train_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str, n
                           device=default_device())
     if run.dp:
         own = ledger.record(noise_multiplier=outcome.noise_multiplier, sample_rate=outcome.sample_rate,
-                            steps=outcome.steps, delta=run.delta, run_id=run_id, server_round=server_round)
+                            steps=outcome.steps, delta=run.delta, run_id=run_id, server_round=server_round,
+                            run_key=run_key)
         epsilon = ledger.epsilon(run.delta, aggregate=True)  # differs from `own` after distributed rounds
     else:
         own = epsilon = math.inf
@@ -161,7 +164,7 @@ class SecureRoundTerms:
 
 def train_secure_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str, np.ndarray],
                        server_round: int, terms: SecureRoundTerms, trained_rounds: frozenset[int] = frozenset(),
-                       run_id: str | None = None) -> TrainResult:
+                       run_id: str | None = None, run_key: str | None = None) -> TrainResult:
     """One FedSGD step with this node's share of the noise, for a secure sum; or a refusal (see module doc).
 
     The returned `gradient_sum` is (sum of clipped per-example gradients + noise) / max-grad-norm per weight;
@@ -180,7 +183,7 @@ def train_secure_round(*, run: RunConfig, node: NodeConfig, global_weights: dict
 
     if not run.dp:
         return refuse("refused: distributed noise needs dp = true")
-    if server_round in trained_rounds:
+    if server_round in trained_rounds or (run_key and ledger.has_trained(run_key, server_round)):
         return refuse(f"refused: round {server_round} was already trained by this node in this run")
     if terms.threshold < 2 or terms.threshold > terms.participants:
         return refuse(f"refused: secure-aggregation threshold {terms.threshold} is not between 2 and the "
@@ -213,7 +216,7 @@ def train_secure_round(*, run: RunConfig, node: NodeConfig, global_weights: dict
                           device=default_device())
     own = ledger.record(noise_multiplier=share, aggregate_noise_multiplier=aggregate_noise,
                         sample_rate=outcome.sample_rate, steps=outcome.steps, delta=run.delta, run_id=run_id,
-                        server_round=server_round)
+                        server_round=server_round, run_key=run_key)
     after = exchanged_weights(model)
     scale = outcome.expected_batch_size / (run.lr * run.max_grad_norm)  # SGD step = -lr * noised sum / E
     gradient_sum = {k: ((start[k].astype(np.float64) - after[k]) * scale).astype(np.float32) for k in start}

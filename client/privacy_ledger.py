@@ -22,9 +22,13 @@ File format (version 2; a version-1 file, written before distributed noise exist
 both histories):
     {"version": 2, "mechanism": "rdp", "history": [[noise, rate, steps], ...],
      "aggregate-history": [[noise, rate, steps], ...],
-     "entries": [{"time": ISO-8601, "run_id": ..., "server_round": ..., "noise_multiplier": ...,
+     "entries": [{"time": ISO-8601, "run_id": ..., "run_key": ..., "server_round": ..., "noise_multiplier": ...,
                   "aggregate_noise_multiplier": ..., "sample_rate": ..., "steps": ..., "delta": ...,
                   "epsilon": ..., "epsilon_aggregate": ...}, ...]}
+
+``run_id`` is the Flower run that asked; ``run_key`` the coordinator's run identity, which survives its restarts
+(a resumed run is a new Flower run with the same run key): :meth:`PrivacyLedger.has_trained` finds a round already
+spent under it.
 """
 
 from __future__ import annotations
@@ -113,6 +117,10 @@ class PrivacyLedger:
         """Epsilon spent at `delta`: of this node's own noise, or (`aggregate`) of the noise the coordinator saw."""
         return (self._aggregate if aggregate else self._accountant).epsilon(delta)
 
+    def has_trained(self, run_key: str, server_round: int) -> bool:
+        """Whether round `server_round` of the run named `run_key` was already trained (and spent) here."""
+        return any(e.get("run_key") == run_key and e.get("server_round") == server_round for e in self._entries)
+
     # ------------------------------------------------------------------ budget
     def check_budget(self, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                      max_epsilon: float, aggregate_noise_multiplier: float | None = None,
@@ -137,7 +145,7 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ writing
     def record(self, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                aggregate_noise_multiplier: float | None = None, run_id: str | None = None,
-               server_round: int | None = None) -> float:
+               server_round: int | None = None, run_key: str | None = None) -> float:
         """Add `steps` DP-SGD steps to the ledger, persist atomically, return the new epsilon of the node's own
         noise (`epsilon(delta, aggregate=True)` gives the other). `aggregate_noise_multiplier`: the noise of what
         the coordinator sees, when it is more than the node's own (distributed noise); default: the same."""
@@ -149,7 +157,7 @@ class PrivacyLedger:
         epsilon = self._accountant.epsilon(delta)
         self._entries.append({
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "run_id": run_id, "server_round": server_round,
+            "run_id": run_id, "run_key": run_key, "server_round": server_round,
             "noise_multiplier": float(noise_multiplier), "aggregate_noise_multiplier": float(aggregate_noise),
             "sample_rate": float(sample_rate), "steps": int(steps), "delta": float(delta), "epsilon": epsilon,
             "epsilon_aggregate": self._aggregate.epsilon(delta),
