@@ -299,15 +299,17 @@ class Federation:
         return {int(node["node-id"]): node["status"] for node in json.loads(out)["nodes"]}
 
     def start_supernode(self, name: str, private_key: Path, node_config: str | None, *,
-                        max_retries: int = 3) -> Started:
+                        max_retries: int | None = 3) -> Started:
+        """Start a registered SuperNode; `max_retries` None: Flower's default, reconnect for ever."""
         args = [
             str(BIN / "flower-supernode"),
             "--superlink", f"127.0.0.1:{self.port}",
             "--root-certificates", str(self.certs.ca_cert),
             "--auth-supernode-private-key", str(private_key),
             "--port", str(free_port()),
-            "--max-retries", str(max_retries),
         ]
+        if max_retries is not None:
+            args += ["--max-retries", str(max_retries)]
         if node_config is not None:
             args += ["--node-config", node_config]
         return self.procs.start(name, args, home=self.home(name), cwd=self.root)
