@@ -210,7 +210,8 @@ def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federati
             assert not ledger_path.exists()
             continue
         ledger = json.loads(ledger_path.read_text())
-        assert [(e["run_id"], e["server_round"]) for e in ledger["entries"]] == [(runs[0]["run-id"], 1)]
+        assert [(e["run_id"], e["run_key"], e["server_round"]) for e in ledger["entries"]] == [
+            (runs[0]["run-id"], metrics["run_key"], 1)]  # the run key came through SecAgg+'s fit instruction
         entry = ledger["entries"][0]
         assert (entry["noise_multiplier"], entry["aggregate_noise_multiplier"]) == pytest.approx(
             (share, config["noise-multiplier"]))
