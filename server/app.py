@@ -7,6 +7,15 @@ round, a checkpoint per round, and the final model bundle. With run config ``res
 the run continues from that directory's last checkpoint (round numbers continue; hospitals' epsilon keeps growing
 because their ledgers live on their own disks).
 
+A coordinator killed mid-run (SIGKILL, power loss) is resumed this way, as a new Flower run on the restarted
+SuperLink. Every training instruction carries the run directory's ``run_key``, the same before and after the
+restart, and a hospital refuses a (run key, round) its ledger already holds, so no budget is spent twice. A round
+that was started but not checkpointed when the coordinator died is not asked again: hospitals may have trained
+it (their spend was real and is recorded; their updates may have reached the coordinator), so it is recorded in
+``metrics.json`` as lost and the resumed run continues at the next round number, still ending at
+``num-server-rounds``. A coordinator stopped between rounds (after a checkpoint, before the next round's
+instructions) loses no round.
+
 In-process simulation hands the app an empty run config: :func:`make_server_app` takes the overrides, and the
 centralised evaluator (which reads images, so it is built on the hospital side of the code and injected here).
 """
@@ -26,6 +35,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.bundle import BundleMeta, save_bundle
 from common.models import build_model
 from common.records import CLASS_NAMES
+from common import wire
 from common.run_config import ConfigError, RunConfig
 from common.weights import exchanged_weights, load_weights
 from server.run_directory import (
@@ -163,6 +173,14 @@ def _run(grid: Grid, config: RunConfig, run: RunDirectory,
         weights, done = checkpoint.arrays, checkpoint.round
         if not any(r["round"] == done for r in run.rounds):  # interrupted between aggregation and evaluation
             run.record_round(_entry_from_checkpoint(checkpoint))
+        lost = run.checkpoints.lost_rounds()
+        for rnd in lost:
+            run.record_round(lost_round_entry(rnd))
+        if lost:
+            run.document["resumed"][-1]["lost_rounds"] = lost
+            done = strategy.round_offset = lost[-1]
+            log.warning("round(s) %s were interrupted before their checkpoint; hospitals may have spent budget on "
+                        "them, so they are not trained again: continuing at round %d", lost, done + 1)
         log.info("resuming %s after round %d", run.path, done)
     evaluator = central_evaluator(config) if central_evaluator and config.sim_central_eval else None
     recorder = RoundRecorder(run, strategy, model, evaluator)
@@ -173,7 +191,7 @@ def _run(grid: Grid, config: RunConfig, run: RunDirectory,
             initial_arrays=ArrayRecord({k: Array(np.asarray(v)) for k, v in weights.items()}),
             num_rounds=remaining,
             timeout=config.round_timeout,
-            train_config=ConfigRecord(),
+            train_config=ConfigRecord({wire.RUN_KEY: run.run_key}),
             evaluate_config=ConfigRecord(),
             evaluate_fn=recorder,
         )
@@ -244,6 +262,13 @@ def _entry_from_checkpoint(checkpoint) -> dict:
     return {"round": checkpoint.round, "train_loss": metrics.get("train-loss"),
             "epsilon_max": metrics.get("epsilon-max"), "replies": {"train": report} if report else {},
             "note": "the run stopped before this round was evaluated"}
+
+
+def lost_round_entry(rnd: int) -> dict:
+    """The round entry of a round interrupted before its checkpoint (``CheckpointStore.lost_rounds``)."""
+    return {"round": rnd, "lost": True, "train_loss": None, "epsilon_max": None, "replies": {},
+            "note": "the coordinator stopped during this round, before its checkpoint: hospitals may have trained "
+                    "it and spent budget on it, so it was not trained again"}
 
 
 def _number(record: MetricRecord | None, key: str) -> float | None:

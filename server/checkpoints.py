@@ -4,6 +4,12 @@ One file per round, ``round-NNNN.npz`` (numpy archive, no pickle), written atomi
 folder, fsync, rename), so a crash mid-write leaves the previous checkpoint intact and never a half file under the
 final name. Keys: ``model:<name>`` (global weights), ``strategy:<name>`` (e.g. FedAdam moments) and ``__meta__``
 (JSON text: round number, per-hospital privacy, round reports).
+
+Before a round's training instructions go out, an empty marker ``started-NNNN`` is written (and fsynced) in a
+folder beside the checkpoints (default ``started-rounds/`` next to the checkpoint folder). A
+round with a marker but no checkpoint was interrupted: hospitals may have trained it and spent budget on it
+(recorded in their ledgers, where they refuse to train it again). A resumed run therefore never asks for that
+round again: :meth:`CheckpointStore.lost_rounds` names it, and the run continues at the next round number.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 _NAME = re.compile(r"^round-(\d{4,})\.npz$")
+_STARTED = re.compile(r"^started-(\d{4,})$")
 _MODEL, _STRATEGY, _META = "model:", "strategy:", "__meta__"
+STARTED_DIR = "started-rounds"  # round-started markers, beside the checkpoint folder
 
 
 @dataclass(frozen=True)
@@ -33,8 +41,9 @@ class Checkpoint:
 class CheckpointStore:
     """The checkpoint folder of one run directory."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, *, started_dir: Path | None = None):
         self.directory = Path(directory)
+        self.started_dir = Path(started_dir) if started_dir else self.directory.parent / STARTED_DIR
 
     def path_for(self, round_number: int) -> Path:
         return self.directory / f"round-{round_number:04d}.npz"
@@ -73,6 +82,29 @@ class CheckpointStore:
         if meta.get("round") != round_number:
             raise ValueError(f"checkpoint {self.path_for(round_number)} says round {meta.get('round')}")
         return Checkpoint(round=round_number, arrays=arrays, strategy_state=state, meta=meta)
+
+    def mark_started(self, round_number: int) -> Path:
+        """Record, durably, that round `round_number`'s training instructions are about to be sent."""
+        self.started_dir.mkdir(parents=True, exist_ok=True)
+        marker = self.started_dir / f"started-{round_number:04d}"
+        with open(marker, "wb") as handle:
+            os.fsync(handle.fileno())
+        _fsync_dir(self.started_dir)
+        return marker
+
+    def started_rounds(self) -> list[int]:
+        """Rounds whose training was started (marked), ascending."""
+        if not self.started_dir.is_dir():
+            return []
+        found = (_STARTED.match(p.name) for p in self.started_dir.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def lost_rounds(self) -> list[int]:
+        """Rounds started after the last checkpoint: interrupted, possibly trained (and spent) by hospitals, never
+        aggregated. A resumed run skips them."""
+        rounds = self.rounds()
+        last = rounds[-1] if rounds else 0
+        return [r for r in self.started_rounds() if r > last]
 
     def latest(self) -> Checkpoint | None:
         """The most recent checkpoint, or None when the run has none yet."""

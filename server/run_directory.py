@@ -5,6 +5,7 @@ Layout::
     <run dir>/
       metrics.json        rewritten atomically after every round and at the end (below)
       checkpoints/        round-NNNN.npz, one per completed round (server.checkpoints)
+      started-rounds/     started-NNNN, an empty marker per round whose training instructions went out
       model.mammofl       the final model bundle (common.bundle; loadable without Flower)
 
 ``metrics.json``::
@@ -34,8 +35,14 @@ Layout::
                       (server.federated_explanations; only where run config explain-methods is set),
       "config": {<resolved run config, kebab-case keys>},
       "versions": {"python", "torch", "flwr", "opacus", "mammo-fl"},
-      "resumed": [{"from_round": k, "at": "<UTC time>"}]
+      "resumed": [{"from_round": k, "at": "<UTC time>", "lost_rounds"?: [...]}],
+      "run_key": "<32 hex digits>"
     }
+
+``run_key`` names the run across coordinator restarts (a Flower run id does not survive them: a resumed run is a
+new Flower run). It is sent with every training instruction; a node records it with each round in its privacy
+ledger and never trains the same (run key, round) twice. A round entry of a round lost to an interruption
+(``server.checkpoints``) reads ``{"round": k, "lost": true, "note": ...}``.
 
 Metric names use snake_case (``eval_loss``, ``auc_malignant``); numbers that are NaN or infinite are written as
 null (JSON has no NaN). Hospitals are named ``partition-<k>`` (simulation) or ``node-<flower node id>``.
@@ -51,6 +58,7 @@ import math
 import os
 import platform
 import tempfile
+import uuid
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
@@ -101,7 +109,8 @@ class RunDirectory:
                                     f"(run config resume='{path}')")
         path.mkdir(parents=True, exist_ok=True)
         document = {"format": FORMAT, "status": "running", "error": None, "rounds": [], "final": None,
-                    "privacy": {}, "config": dict(config), "versions": versions(), "resumed": []}
+                    "privacy": {}, "config": dict(config), "versions": versions(), "resumed": [],
+                    "run_key": uuid.uuid4().hex}
         run = cls(path, document)
         run.flush()
         return run
@@ -130,6 +139,7 @@ class RunDirectory:
                                     f"was made with {document['config'].get(k)!r}")
         document["rounds"] = [r for r in document["rounds"] if r["round"] <= last[-1]]
         document["resumed"].append({"from_round": last[-1], "at": _now()})
+        document.setdefault("run_key", uuid.uuid4().hex)  # a run written before run keys existed
         document.update(status="running", error=None, final=None, config=dict(config), versions=versions())
         run.flush()
         return run
@@ -157,6 +167,10 @@ class RunDirectory:
     def fail(self, error: BaseException) -> None:
         self.document.update(status="failed", error=f"{type(error).__name__}: {error}")
         self.flush()
+
+    @property
+    def run_key(self) -> str:
+        return str(self.document["run_key"])
 
     @property
     def bundle_path(self) -> Path:
