@@ -302,6 +302,14 @@ class EvaluationRelease:
         return self.refusal is not None
 
 
+def exact_release(outcome: EvalOutcome, *, score_histogram: bool = False) -> EvaluationRelease:
+    """An evaluation released in clear (policy ``evaluation = clear``; a simulation's baselines)."""
+    confusion = np.asarray(outcome.metrics.get("confusion_matrix") or np.zeros((3, 3)), dtype=np.int64)
+    histogram = np.asarray(outcome.score_histogram.flat(), dtype=np.int64) if score_histogram else None
+    return EvaluationRelease(num_examples=int(outcome.num_examples), confusion=confusion, loss=outcome.loss,
+                             metrics=outcome.metrics, score_histogram=histogram)
+
+
 def evaluate_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str, np.ndarray],
                    server_round: int, evaluations_done: int = 0, score_histogram: bool = False,
                    run_id: str | None = None, rng: np.random.Generator | None = None) -> EvaluationRelease:
@@ -323,11 +331,10 @@ def evaluate_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str
     model = build_model(run.model_config())
     load_weights(model, global_weights, source=f"round {server_round} global model")
     outcome = evaluate_local(model, data.val, device=default_device())
-    confusion = np.asarray(outcome.metrics.get("confusion_matrix") or np.zeros((3, 3)), dtype=np.int64)
-    histogram = np.asarray(outcome.score_histogram.flat(), dtype=np.int64) if score_histogram else None
+    exact = exact_release(outcome, score_histogram=score_histogram)
     if policy.evaluation == "clear":
-        return EvaluationRelease(num_examples=int(outcome.num_examples), confusion=confusion, loss=outcome.loss,
-                                 metrics=outcome.metrics, score_histogram=histogram)
+        return exact
+    confusion, histogram = exact.confusion, exact.score_histogram
     std = private_counts.noise_std(policy.evaluation_noise_multiplier, blocks)
     rng = rng or np.random.default_rng()  # fresh entropy: a seed the coordinator knew would undo the noise
     noised_confusion = private_counts.release_counts(confusion, std=std, rng=rng)

@@ -74,15 +74,17 @@ def test_entry(model: torch.nn.Module, test: Dataset) -> dict:
 def validation_entry(model: torch.nn.Module, vals: Sequence[Dataset], *,
                      score_histogram: bool = False) -> dict | None:
     """Validation over the hospitals' splits, aggregated as federated evaluation is (None: no validation data);
-    with `score_histogram`, as in the federation's last round (the operating point is chosen on it)."""
+    with `score_histogram`, as in the federation's last round (the operating point is chosen on it). Exact counts:
+    a baseline is the researcher's own computation on pooled data, not a release by a hospital."""
     from client.app import evaluation_reply_metrics
+    from client.node import exact_release
     from server.strategy import aggregate_evaluation
 
     records = []
     for val in vals:
         if len(val):
-            records.append(evaluation_reply_metrics(evaluate_local(model, val, device=default_device()),
-                                                    score_histogram=score_histogram))
+            outcome = evaluate_local(model, val, device=default_device())
+            records.append(evaluation_reply_metrics(exact_release(outcome, score_histogram=score_histogram)))
     if not records:
         return None
     return eval_entry(aggregate_evaluation(records))

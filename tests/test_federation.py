@@ -98,7 +98,8 @@ def test_federation_survives_a_crash_resumes_and_respects_budgets(mias_dir, tmp_
               "min-train-replies": 1, "min-evaluate-replies": 1, "round-timeout": 300.0,
               "sim-data-dir": str(mias_dir), "sim-state-dir": str(state), "sim-max-patients": 12,
               "sim-test-fraction": 0.25, "val-fraction": 0.25, "run-dir": str(run_dir)}
-    _simulate(config, mods=[crash_hospital_1_in_round_2])
+    clear = {0: {"evaluation": "clear"}, 1: {"evaluation": "clear"}}  # exact counts, checked against local tallies
+    _simulate(config, mods=[crash_hospital_1_in_round_2], node_overrides=clear)
 
     first = load_metrics(run_dir)
     assert first["status"] == "completed" and first["error"] is None
@@ -128,7 +129,7 @@ def test_federation_survives_a_crash_resumes_and_respects_budgets(mias_dir, tmp_
     _check_operating_point_explanations_and_report(first, run_dir, state, meta)
 
     resumed = {**config, "num-server-rounds": 3, "run-dir": "", "resume": str(run_dir)}
-    _simulate(resumed, node_overrides={1: {"max-epsilon": 0.01}})
+    _simulate(resumed, node_overrides={**clear, 1: {"evaluation": "clear", "max-epsilon": 0.01}})
 
     second = load_metrics(run_dir)
     assert second["status"] == "completed"

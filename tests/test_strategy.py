@@ -248,12 +248,12 @@ def test_final_metrics_from_federated_counts_match_the_pooled_definitions():
 
 def _eval_reply(instruction, *, labels, probs, histogram=None):
     from client.app import evaluation_reply_metrics
-    from client.node import EvaluationRelease
+    from client.node import exact_release
+    from common.evaluation import EvalOutcome
 
-    exact = classification_metrics(labels, probs)  # a node whose policy releases evaluations in clear
-    release = EvaluationRelease(num_examples=len(labels), confusion=np.asarray(exact["confusion_matrix"]), loss=0.5,
-                                metrics=exact, score_histogram=np.asarray(ScoreHistogram.of(labels, probs).flat()))
-    metrics = evaluation_reply_metrics(release)
+    outcome = EvalOutcome(num_examples=len(labels), loss=0.5, metrics=classification_metrics(labels, probs),
+                          score_histogram=ScoreHistogram.of(labels, probs))
+    metrics = evaluation_reply_metrics(exact_release(outcome, score_histogram=True))  # a node releasing in clear
     if histogram is not None:
         metrics[wire.SCORE_HISTOGRAM] = histogram
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=instruction)
