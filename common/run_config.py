@@ -123,6 +123,9 @@ class RunConfig:
     sim_central_eval: bool = _opt(True, "evaluate the global model on the held-out test set every round")
     sim_budget_on_aggregate: bool = _opt(False, "virtual hospitals check their budget on the epsilon of the secure "
                                          "sum (trusting SecAgg+) instead of their own noise")
+    max_attack_advantage: float = _opt(0.0, "release gate of a simulation: withhold the model (model.unreleased, "
+                                       "exit 1) when a membership-inference attack's advantage exceeds this "
+                                       "(0 = off)", low=0.0, high=1.0)
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -121,3 +121,45 @@ def test_bad_inputs_are_refused_with_a_reason():
         mi.calibrated_likelihood_ratio_attack([1, 2, 3], [0, 1], [1, 2], [0, 1], seed=0)
     with pytest.raises(ValueError, match="at least 2 members and 2 non-members"):
         mi.audit([1.0, 2.0], [0, 0], [1.0], [0], seed=0)
+
+
+# ---------------------------------------------------------------- the release gate of a simulation
+def _smoke_centralised(mias_dir, out, bound: float):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "simulations.cli", "run", "--preset", "smoke", "--mode",
+                           "centralised", "--data-dir", str(mias_dir), "--out", str(out), "--no-live",
+                           "--set", f"max-attack-advantage={bound}"], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bound", [0.0001, 1.0])
+def test_release_gate_withholds_a_model_whose_attack_advantage_exceeds_the_bound(mias_dir, tmp_path, bound):
+    import json
+
+    out = tmp_path / "run"
+    done = _smoke_centralised(mias_dir, out, bound)
+    section = json.loads((out / "metrics.json").read_text())["membership_inference"]
+    assert (section["members"], section["non_members"]) == (8, 8)  # smoke: 8 held-out images, members subsampled
+    assert section["attack_names"] == list(mi.ATTACKS)
+    assert 0.0 < section["advantage"] <= 1.0 and 0.0 <= section["auc"] <= 1.0
+    assert section["gate"]["max_attack_advantage"] == bound and section["gate"]["enabled"] is True
+    assert "loss" not in json.dumps(section).replace("loss_threshold", "")  # aggregates only, no losses
+    if bound < section["advantage"]:
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert section["gate"]["passed"] is False and section["gate"]["model"] == "model.unreleased"
+        assert not (out / "model.mammofl").exists() and (out / "model.unreleased").is_file()
+        message = " ".join(done.stderr.split())
+        assert (f"error: release withheld: membership-inference advantage {section['advantage']:.4f}" in message
+                and f"exceeds run config max-attack-advantage {bound:g}" in message), message[-2000:]
+        assert (out / "report.html").is_file()  # the run itself is complete and reported
+    else:
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert section["gate"]["passed"] is True and (out / "model.mammofl").is_file()
+        assert not (out / "model.unreleased").exists()
+        assert f"membership inference: attack advantage {section['advantage']:.3f}" in done.stdout
+    assert bound == 1.0 or bound < section["advantage"]  # the first case really exercises the failing gate
