@@ -5,7 +5,8 @@ localisation and screening benchmarks need mini-MIAS: they run when ``MINI_MIAS_
 Makefile sets it to ``../shared/data/mini-mias`` when that exists) and are skipped with a message otherwise. Model
 quality runs its whole default grid (see README, "Model quality", for how long that takes) and writes its JSON and
 plot to ``cache/bench/model-quality``; localisation (README, "Localisation": about 15 minutes on one CPU thread)
-shares its caches and rewrites ``bench/results/localisation.json``; the data path uses temporary caches; screening
+shares its caches and rewrites ``bench/results/localisation.json``; membership inference (``bench.membership``,
+README "Membership inference") rewrites ``bench/results/membership.json``; the data path uses temporary caches; screening
 throughput (``bench.screening``) runs on the same mini-MIAS folder.
 """
 
@@ -13,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench import data_path, grad_sample_modes, localisation, model_quality, screening
+from bench import data_path, grad_sample_modes, localisation, membership, model_quality, screening
 
 if __name__ == "__main__":
     grad_sample_modes.main([])
@@ -25,6 +26,8 @@ if __name__ == "__main__":
         data_path.main(["--data-dir", data])
         print()
         localisation.main(["--data-dir", data, "--out", "bench/results"])
+        print()
+        membership.main(["--data-dir", data, "--out", "bench/results"])
         print()
         dicom = screening.SHARED_DATA / "dicom"
         screening.main(["--mias-dir", data, *(["--dicom"] if dicom.is_dir() else [])])

@@ -11,8 +11,8 @@ Gate: run config ``max-attack-advantage`` (default 0 = off). When the best attac
 audit cannot run while the gate is on, the release is withheld: ``model.mammofl`` is renamed ``model.unreleased``
 and :class:`ReleaseWithheld` is raised (``mammofl-sim`` exits 1 with its message). Why off by default: the
 advantage is a maximum over thresholds measured on the held-out set (about 64 images of mini-MIAS), so a model that
-leaks nothing already reaches about 0.15 on average and 0.24 one time in 20 (``chance_advantage_95`` in the
-section); a default bound low enough to mean something would withhold private models by chance, one high enough
+leaks nothing already reaches 0.09 (median) and 0.20 one time in 20 at 64 vs 64 images (``chance_advantage_95`` in
+the section); a default bound low enough to mean something would withhold private models by chance, one high enough
 not to would pass nearly everything. Set it knowing that level (README, "Membership inference").
 """
 
