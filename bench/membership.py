@@ -13,7 +13,9 @@ advantage of a model that leaks nothing at the same counts (``chance_advantage``
 so an advantage below it is indistinguishable from no leakage in one fold; the AUC averaged over 50 folds is the more
 sensitive measure (0.5 = no leakage).
 
-``--out DIR`` writes ``membership.json`` (settings and per-seed numbers; no per-example loss).
+Seeds run one after the other, every row for each; ``--out DIR`` rewrites ``membership.json`` (settings and
+per-seed numbers; no per-example loss) after each seed, so an interrupted run keeps whole seeds;
+``--tabulate JSON`` prints the table of such a file.
 """
 
 from __future__ import annotations
@@ -86,6 +88,29 @@ def evaluate(row: mq.Row, schedule: mq.Schedule, model_config: ModelConfig, data
     return out
 
 
+def merged(earlier: dict | None, later: dict) -> dict:
+    """One row's results over the seeds of `earlier` and then `later` (same row, disjoint seeds)."""
+    if earlier is None:
+        return later
+    out = dict(earlier)
+    for key, value in later.items():
+        if isinstance(value, list) and key not in ("members_per_fold",):
+            out[key] = earlier[key] + value
+    out["members_per_fold"] = [min(earlier["members_per_fold"][0], later["members_per_fold"][0]),
+                               max(earlier["members_per_fold"][1], later["members_per_fold"][1])]
+    out["seconds"] = earlier["seconds"] + later["seconds"]
+    return out
+
+
+def tabulate(path: Path) -> None:
+    """Print the table of a saved ``membership.json``."""
+    saved = json.loads(path.read_text())
+    print(f"# {path}: seeds {saved['rows'][0]['seeds']}, {saved['settings']['folds']} folds")
+    print(HEADER)
+    for result in saved["rows"]:
+        print(format_row(result))
+
+
 HEADER = (f"{'row':<40} {'ε':>6} {'loss adv':>15} {'loss AUC':>15} {'LR adv':>15} {'LR AUC':>15} "
           f"{'chance':>6} {'s':>5}")
 
@@ -102,7 +127,7 @@ def format_row(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--data-dir", type=Path, help="mini-MIAS folder (required unless --tabulate)")
     parser.add_argument("--cache-dir", type=Path, default=Path("cache/bench"))
     parser.add_argument("--out", type=Path, help="write membership.json here")
     parser.add_argument("--folds", type=int, default=5)
@@ -117,7 +142,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cell-loss-weight", type=float, default=10.0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override the demo preset's model, e.g. --set top-k=4")
+    parser.add_argument("--tabulate", type=Path, metavar="JSON", help="train nothing: print this file's table")
     args = parser.parse_args(argv)
+    if args.tabulate:
+        tabulate(args.tabulate)
+        return
+    if args.data_dir is None:
+        parser.error("--data-dir is required")
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="Using a non-full backward hook")
@@ -143,16 +174,21 @@ def main(argv: list[str] | None = None) -> None:
           f"{platform.machine()}")
     print("# members: a fold's training images; non-members: its test images (balanced); advantage = max TPR - FPR;"
           " mean ± s.e. over seeds of the mean over folds; chance: 95 % advantage of a model leaking nothing")
-    print(HEADER, flush=True)
     started = time.perf_counter()
-    results = []
-    for row in rows_for(args.epsilons, args.hospitals, args.cell_loss_weight):
-        results.append(evaluate(row, schedule, model, data, prepared, k=args.folds, seeds=args.seeds))
-        print(format_row(results[-1]), flush=True)
+    rows = rows_for(args.epsilons, args.hospitals, args.cell_loss_weight)
+    results: list[dict | None] = [None] * len(rows)
+    for seed in args.seeds:  # seed by seed, every row: an interrupted run leaves whole seeds in the JSON
+        for i, row in enumerate(rows):
+            results[i] = merged(results[i], evaluate(row, schedule, model, data, prepared, k=args.folds,
+                                                     seeds=[seed]))
+        print(f"# seed {seed} done, {time.perf_counter() - started:.0f} s", flush=True)
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
             document = {"settings": settings, "seconds": time.perf_counter() - started, "rows": results}
             (args.out / "membership.json").write_text(json.dumps(document, indent=1) + "\n")
+    print(HEADER)
+    for result in results:
+        print(format_row(result))
     print(f"# total {time.perf_counter() - started:.0f} s", flush=True)
 
 

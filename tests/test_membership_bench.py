@@ -55,3 +55,18 @@ def test_membership_bench_row_is_the_mean_of_its_fold_audits():
         assert result[f"{column}_advantage"] == [pytest.approx(np.mean([x.advantage for x in attacks]))]
         assert result[f"{column}_auc"] == [pytest.approx(np.mean([x.auc for x in attacks]))]
     assert "name" in result and membership.format_row(result).startswith(result["name"][:40])
+
+
+def test_rows_merge_seed_by_seed_and_tabulate(tmp_path, capsys):
+    first = {"name": "r", "seeds": [0], "loss_advantage": [0.1], "loss_auc": [0.5], "lr_advantage": [0.2],
+             "lr_auc": [0.6], "chance_advantage_95": [0.2], "members_per_fold": [60, 66], "seconds": 2.0,
+             "epsilon_sum": 3.0, "noise_multiplier_sum": 3.5}
+    second = {**first, "seeds": [1], "loss_advantage": [0.3], "members_per_fold": [58, 64], "seconds": 3.0}
+    both = membership.merged(membership.merged(None, first), second)
+    assert both["seeds"] == [0, 1] and both["loss_advantage"] == [0.1, 0.3] and both["lr_auc"] == [0.6, 0.6]
+    assert both["members_per_fold"] == [58, 66] and both["seconds"] == 5.0 and both["epsilon_sum"] == 3.0
+    path = tmp_path / "membership.json"
+    path.write_text(__import__("json").dumps({"settings": {"folds": 5}, "rows": [both]}))
+    membership.main(["--tabulate", str(path)])
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.split()[:4] == ["r", "3.00", "0.200", "±"] and "0.100" in line  # mean 0.2, s.e. 0.1
