@@ -47,6 +47,7 @@ ATTACKS = (LOSS_THRESHOLD, CALIBRATED_LIKELIHOOD_RATIO)
 #: Reference (non-member) examples a class needs for its own Gaussian; fewer: the Gaussian of all classes.
 MIN_CLASS_REFERENCE = 3
 _TINY = 1e-12
+_CHUNK = 250  # Monte Carlo draws of chance_advantage per array
 
 
 @dataclass(frozen=True)
@@ -214,10 +215,13 @@ def chance_advantage(members: int, non_members: int, *, quantile: float = 0.95, 
         raise ValueError("chance_advantage needs at least one member and one non-member")
     rng = np.random.default_rng(seed)
     total = members + non_members
-    is_member = np.argsort(rng.random((draws, total)), axis=1) < members  # a random ranking per draw
-    gain = np.cumsum(is_member, axis=1) / members - np.cumsum(~is_member, axis=1) / non_members
-    best = np.maximum(gain.max(axis=1), 0.0)
-    return float(np.quantile(best, quantile))
+    best = []
+    for start in range(0, draws, _CHUNK):  # bounded memory on large audits
+        rows = min(_CHUNK, draws - start)
+        is_member = np.argsort(rng.random((rows, total)), axis=1) < members  # a random ranking per draw
+        gain = np.cumsum(is_member, axis=1) / members - np.cumsum(~is_member, axis=1) / non_members
+        best.append(np.maximum(gain.max(axis=1), 0.0))
+    return float(np.quantile(np.concatenate(best), quantile))
 
 
 def null_advantage_bound(members: int, non_members: int, *, alpha: float = 0.05) -> float:
