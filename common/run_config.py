@@ -144,6 +144,9 @@ class SimulationSettings:
                                          "sum (trusting SecAgg+) instead of their own noise")
     sim_max_epsilon: float = _opt(10.0, "virtual hospitals' lifetime privacy budget (their policy's max-epsilon)",
                                   low=0.0, low_open=True)
+    sim_max_attack_advantage: float = _opt(0.0, "release gate of a simulation: withhold the model "
+                                           "(model.unreleased, exit 1) when a membership-inference attack's "
+                                           "advantage exceeds this (0 = off)", low=0.0, high=1.0)
 
 
 @dataclass(frozen=True)

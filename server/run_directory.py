@@ -33,6 +33,11 @@ Layout::
       "explanations": {"methods", "images", "hospitals": {name: {"images"} | {"error"}}, "per_method": {method:
                        {"pointing_game", "mass_inside", "random_baseline"}}, "notes", "asked"}
                       (server.federated_explanations; only where run config explain-methods is set),
+      "membership_inference": {"advantage", "auc", "members", "non_members", "seed", "chance_advantage_95",
+                               "attack_names", "attacks": {name: {advantage, auc, threshold, tpr, fpr, ...}},
+                               "gate": {"max_attack_advantage", "enabled", "passed", "model"?}} | {"error", "gate"}
+                              (simulations only: common.membership_inference on the released model, members vs
+                              held-out; a local baseline's top level: "per_hospital", largest advantage and auc),
       "config": {<resolved run config, kebab-case keys>},
       "versions": {"python", "torch", "flwr", "opacus", "mammo-fl"},
       "resumed": [{"from_round": k, "at": "<UTC time>", "lost_rounds"?: [...]}],
@@ -158,6 +163,11 @@ class RunDirectory:
 
     def set_privacy(self, privacy: dict[str, dict]) -> None:
         self.document["privacy"] = {k: dict(v) for k, v in sorted(privacy.items())}
+        self.flush()
+
+    def set_membership_inference(self, section: dict) -> None:
+        """The ``membership_inference`` section (aggregates only: never a per-example loss)."""
+        self.document["membership_inference"] = dict(section)
         self.flush()
 
     def finish(self, final: dict) -> None:

@@ -163,6 +163,10 @@ def test_smoke_federation_writes_the_run_directory_contract(mias_dir, tmp_path, 
     assert entry["epsilon_max"] == max(p["epsilon"] for p in document["privacy"].values())
     assert (out / "checkpoints" / "round-0001.npz").is_file()
     assert document["simulation"] == {"preset": "smoke", "num-hospitals": 2, "mode": "federated"}
+    audit = document["membership_inference"]  # default gate off: reported, the model released
+    assert (audit["members"], audit["non_members"]) == (SMOKE_TEST_IMAGES, SMOKE_TEST_IMAGES)
+    assert audit["gate"] == {"max_attack_advantage": 0.0, "enabled": False, "passed": True}
+    assert f"membership inference: attack advantage {audit['advantage']:.3f}" in done.stdout
     side = json.loads((out / "simulation.json").read_text())
     assert side["num-hospitals"] == 2 and side["mode"] == "federated" and side["preset"] == "smoke"
     assert [h["n_images"] for h in side["partitions"]["hospitals"]] == [12, 12]
@@ -199,6 +203,9 @@ def test_smoke_local_baseline_writes_the_contract_per_hospital_and_overall(mias_
         assert top["final"]["per_hospital"][f"partition-{k}"]["accuracy"] == sub["final"]["accuracy"]
         assert (out / f"hospital-{k}" / "model.mammofl").is_file()
         assert f"model bundle:  {out / f'hospital-{k}' / 'model.mammofl'}" in done.stdout
+    audits = top["membership_inference"]["per_hospital"]  # each hospital's model vs its own training split
+    assert set(audits) == {"hospital-0", "hospital-1"}
+    assert top["membership_inference"]["advantage"] == max(a["advantage"] for a in audits.values())
     mean = sum(top["final"]["per_hospital"][f"partition-{k}"]["accuracy"] for k in (0, 1)) / 2
     assert top["final"]["accuracy"] == pytest.approx(mean)
 
