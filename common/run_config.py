@@ -111,6 +111,8 @@ class RunConfig:
     run_dir: str = _opt("", "where the coordinator writes metrics, checkpoints and the model (empty = "
                         "runs/<UTC time>)")
     resume: str = _opt("", "run directory of an interrupted run to continue from its last checkpoint")
+    signing_key: str = _opt("", "the coordinator's Ed25519 private key that signs checkpoints and the model "
+                            "(mammofl-coordinator signing-key generate; empty = a key made in <run dir>/signing/)")
     # ------------------------------------------------------------ simulation (mini-MIAS split into virtual hospitals)
     sim_data_dir: str = _opt("", "mini-MIAS folder the virtual hospitals are cut from")
     sim_state_dir: str = _opt("", "root of the virtual hospitals' own disks (ledgers, caches)")

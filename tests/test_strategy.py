@@ -19,6 +19,7 @@ from common.aggregation import weighted_average
 from common.metrics import classification_metrics
 from common.run_config import RunConfig
 from server.checkpoints import CheckpointStore
+from signed_files import SIGNER, TRUSTED
 from common.operating_point import ScoreHistogram, choose_operating_point, decide
 from common.operating_point import auc as histogram_auc
 from server.run_directory import eval_entry, final_from_federated, release_operating_point, with_operating_point
@@ -176,7 +177,7 @@ def test_too_few_connected_nodes_fails_instead_of_waiting_forever():
 
 
 def test_checkpoint_written_each_round_and_resume_continues_numbering(tmp_path):
-    store = CheckpointStore(tmp_path / "checkpoints")
+    store = CheckpointStore(tmp_path / "checkpoints", signer=SIGNER, trusted=TRUSTED)
     strategy = build_strategy(_config(strategy="fedadam"), checkpoints=store)
     for rnd, value in ((1, 1.0), (2, 2.0)):
         ins = _instructions(strategy, rnd=rnd)
