@@ -19,11 +19,11 @@ from common.aggregation import weighted_average
 from common.metrics import classification_metrics
 from common.run_config import RunConfig
 from server.checkpoints import CheckpointStore
-from signed_files import SIGNER, TRUSTED
 from common.operating_point import ScoreHistogram, choose_operating_point, decide
 from common.operating_point import auc as histogram_auc
 from server.run_directory import eval_entry, final_from_federated, release_operating_point, with_operating_point
 from server.strategy import TooFewReplies, aggregate_evaluation, build_strategy
+from signed_files import SIGNER, TRUSTED
 
 GLOBAL = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 
