@@ -116,8 +116,10 @@ def signing_key_rotate(
     revoke_old: Annotated[bool, typer.Option("--revoke-old", help="Stop trusting the old key (after a leak): "
                                                                   "what it signed is then refused.")] = False,
 ) -> None:
-    """Replace the signing key; the old public key stays in trusted.pub (old models still verify) unless
-    --revoke-old. Hospitals need the new trusted.pub."""
+    """Replace the signing key; old models still verify with the new trusted.pub unless --revoke-old.
+
+    The old private key is deleted; hospitals need the new trusted.pub.
+    """
     try:
         rotation = signing_keys.rotate_key_directory(directory, revoke_old=revoke_old)
     except (SignatureError, OSError) as err:
