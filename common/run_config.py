@@ -94,6 +94,8 @@ class CoordinatorSettings:
     run_dir: str = _opt("", "where the coordinator writes metrics, checkpoints and the model (empty = "
                         "runs/<UTC time>)")
     resume: str = _opt("", "run directory of an interrupted run to continue from its last checkpoint")
+    signing_key: str = _opt("", "the coordinator's Ed25519 private key that signs checkpoints and the model "
+                            "(mammofl-coordinator signing-key generate; empty = a key made in <run dir>/signing/)")
 
 
 @dataclass(frozen=True)

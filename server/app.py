@@ -48,6 +48,7 @@ from server.run_directory import (
 )
 from server.federated_explanations import request_explanations
 from server.report import build_report
+from server.signing_keys import run_signing
 from server.strategy import MammoStrategyMixin, build_strategy
 
 log = logging.getLogger(__name__)
@@ -102,15 +103,24 @@ def run_federation(grid: Grid, config: RunConfig, *, central_evaluator: CentralE
 
 
 def open_run_directory(config: RunConfig) -> RunDirectory:
-    """Create the run directory, or reopen the one named by run config `resume`."""
+    """Create the run directory, or reopen the one named by run config `resume`; either signs its checkpoints and
+    bundle with the coordinator's key (``server.signing_keys.run_signing``) and resumes only from checkpoints
+    that key (or one it trusts) signed."""
     if config.resume:
         resume = Path(config.resume).expanduser().resolve()
         if config.run_dir and Path(config.run_dir).expanduser().resolve() != resume:
             raise ConfigError(f"run config 'run-dir' ({config.run_dir}) and 'resume' ({config.resume}) differ: a "
                               f"resumed run continues in its own directory; leave 'run-dir' empty")
-        return RunDirectory.resume(resume, config=config.to_flower(), must_match=RESUME_MUST_MATCH)
-    path = Path(config.run_dir).expanduser().resolve() if config.run_dir else default_run_dir()
-    return RunDirectory.create(path, config=config.to_flower())
+        run = RunDirectory.resume(resume, config=config.to_flower(), must_match=RESUME_MUST_MATCH)
+    else:
+        path = Path(config.run_dir).expanduser().resolve() if config.run_dir else default_run_dir()
+        run = RunDirectory.create(path, config=config.to_flower())
+    try:
+        run.use_signing(run_signing(config, run.path))
+    except BaseException as error:
+        run.fail(error)
+        raise
+    return run
 
 
 class RoundRecorder:
@@ -205,11 +215,13 @@ def _run(grid: Grid, config: RunConfig, run: RunDirectory,
         run.flush()
     point = release_operating_point(run.rounds, rule=config.operating_point, target=config.target_sensitivity)
     final = with_operating_point(_final(run, recorder, model, evaluator, config.num_server_rounds), point)
+    last_round = max(done, config.num_server_rounds)
     save_bundle(run.bundle_path, exchanged_weights(model), BundleMeta(
         model_config=config.model_config(), preprocess_config=config.preprocess_config(), class_names=CLASS_NAMES,
-        info={"run_dir": str(run.path), "round": max(done, config.num_server_rounds),
+        info={"run_dir": str(run.path), "round": last_round,
               "operating_point": point.to_json() if point is not None else None,
-              "final": _summary(final), "versions": run.document["versions"]}))
+              "final": _summary(final), "versions": run.document["versions"]}),
+        sign=run.bundle_signature(round=last_round))
     run.finish(final)
 
 

@@ -10,10 +10,16 @@ folder beside the checkpoints (default ``started-rounds/`` next to the checkpoin
 round with a marker but no checkpoint was interrupted: hospitals may have trained it and spent budget on it
 (recorded in their ledgers, where they refuse to train it again). A resumed run therefore never asks for that
 round again: :meth:`CheckpointStore.lost_rounds` names it, and the run continues at the next round number.
+
+Signed: a store with a ``common.signing.Signer`` writes ``round-NNNN.npz.sig`` (provenance: round, epsilon per
+hospital, code version, config hash) before the checkpoint takes its final name. :meth:`CheckpointStore.load`
+verifies against the store's trusted keys before parsing and refuses an unsigned, edited or foreign-signed file
+(``common.signing.SignatureError``); a store without trusted keys loads nothing.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -21,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from common.signing import Signer, SignatureError, TrustedKeys, epsilon_by_hospital, verify_file
 
 _NAME = re.compile(r"^round-(\d{4,})\.npz$")
 _STARTED = re.compile(r"^started-(\d{4,})$")
@@ -39,11 +47,14 @@ class Checkpoint:
 
 
 class CheckpointStore:
-    """The checkpoint folder of one run directory."""
+    """The checkpoint folder of one run directory; `signer` signs what it saves, `trusted` verifies what it loads."""
 
-    def __init__(self, directory: Path, *, started_dir: Path | None = None):
+    def __init__(self, directory: Path, *, started_dir: Path | None = None, signer: Signer | None = None,
+                 trusted: TrustedKeys | None = None):
         self.directory = Path(directory)
         self.started_dir = Path(started_dir) if started_dir else self.directory.parent / STARTED_DIR
+        self.signer = signer
+        self.trusted = trusted
 
     def path_for(self, round_number: int) -> Path:
         return self.directory / f"round-{round_number:04d}.npz"
@@ -56,11 +67,17 @@ class CheckpointStore:
         payload[_META] = np.asarray(json.dumps({**checkpoint.meta, "round": checkpoint.round}))
         final = self.path_for(checkpoint.round)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        buffer = io.BytesIO()
+        np.savez(buffer, **payload)
+        data = buffer.getvalue()
         try:
             with open(tmp, "wb") as handle:
-                np.savez(handle, **payload)
+                handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
+            if self.signer is not None:
+                self.signer.sign_bytes(final, data, kind="checkpoint", round=checkpoint.round,
+                                       epsilon=epsilon_by_hospital(checkpoint.meta.get("privacy") or {}))
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
@@ -75,7 +92,15 @@ class CheckpointStore:
         return sorted(int(m.group(1)) for m in found if m)
 
     def load(self, round_number: int) -> Checkpoint:
-        with np.load(self.path_for(round_number), allow_pickle=False) as data:
+        """The checkpoint of `round_number`, verified against the store's trusted keys (SignatureError if not)."""
+        path = self.path_for(round_number)
+        if self.trusted is None:
+            raise SignatureError(f"{path}: no trusted public key configured to verify it")
+        verified = verify_file(path, self.trusted, kind="checkpoint")
+        if verified.provenance.round != round_number:
+            raise SignatureError(f"{path}: signed as round {verified.provenance.round}, found as round "
+                                 f"{round_number}")
+        with np.load(io.BytesIO(verified.data), allow_pickle=False) as data:
             meta = json.loads(str(data[_META]))
             arrays = {k[len(_MODEL):]: data[k] for k in data.files if k.startswith(_MODEL)}
             state = {k[len(_STRATEGY):]: data[k] for k in data.files if k.startswith(_STRATEGY)}

@@ -4,9 +4,12 @@ Layout::
 
     <run dir>/
       metrics.json        rewritten atomically after every round and at the end (below)
-      checkpoints/        round-NNNN.npz, one per completed round (server.checkpoints)
+      checkpoints/        round-NNNN.npz (+ .sig), one per completed round (server.checkpoints)
       started-rounds/     started-NNNN, an empty marker per round whose training instructions went out
       model.mammofl       the final model bundle (common.bundle; loadable without Flower)
+      model.mammofl.sig   its signature (common.signing): provenance and the coordinator's Ed25519 signature
+      signing/            only where run config signing-key is empty: the key made for this run
+                          (server.signing_keys; signing/trusted.pub verifies the bundle)
 
 ``metrics.json``::
 
@@ -41,7 +44,9 @@ Layout::
       "config": {<resolved run config, kebab-case keys>},
       "versions": {"python", "torch", "flwr", "opacus", "mammo-fl"},
       "resumed": [{"from_round": k, "at": "<UTC time>", "lost_rounds"?: [...]}],
-      "run_key": "<32 hex digits>"
+      "run_key": "<32 hex digits>",
+      "signing": {"key": "<fingerprint>", "public_key": "<trusted.pub hospitals verify with>",
+                  "generated": true | false, "trusted": ["<fingerprint>", ...]}
     }
 
 ``run_key`` names the run across coordinator restarts (a Flower run id does not survive them: a resumed run is a
@@ -103,6 +108,26 @@ class RunDirectory:
         self.path = Path(path)
         self.document = document
         self.checkpoints = CheckpointStore(self.path / CHECKPOINT_DIR)
+        self.signing = None  # server.signing_keys.RunSigning, set by use_signing
+
+    def use_signing(self, signing) -> None:
+        """Sign checkpoints (and, through :attr:`signing`, the bundle) with `signing`
+        (``server.signing_keys.RunSigning``); checkpoints load only when signed by its trusted keys."""
+        self.signing = signing
+        self.checkpoints.signer, self.checkpoints.trusted = signing.signer, signing.trusted
+        self.document["signing"] = signing.describe()
+        self.flush()
+
+    def bundle_signature(self, *, round: int):
+        """The `sign` hook of ``common.bundle.save_bundle`` for this run's bundle: a run releases signed models
+        only."""
+        if self.signing is None:
+            raise RunDirectoryError(f"{self.path}: no signing key set (RunDirectory.use_signing): a model is "
+                                    f"released signed or not at all")
+        from common.signing import epsilon_by_hospital
+
+        return self.signing.signer.for_file(kind="bundle", round=round,
+                                            epsilon=epsilon_by_hospital(self.document.get("privacy") or {}))
 
     # ------------------------------------------------------------ opening
     @classmethod

@@ -143,7 +143,8 @@ def train_baseline(run_dir: RunDirectory, run: RunConfig, *, train: Dataset, val
         info={**info, "run_dir": str(run_dir.path), "round": run.num_server_rounds,
               "operating_point": point.to_json() if point is not None else None,
               "final": {k: v for k, v in final.items() if k != "score_histogram"},
-              "versions": run_dir.document["versions"]}))
+              "versions": run_dir.document["versions"]}),
+        sign=run_dir.bundle_signature(round=run.num_server_rounds))
     run_dir.finish(final)
     return final
 

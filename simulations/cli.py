@@ -212,6 +212,9 @@ def print_result(result, console: Console) -> None:
     console.print(f"metrics:       {result.metrics_path}", highlight=False, soft_wrap=True)
     for bundle in result.bundles:
         console.print(f"model bundle:  {bundle}", highlight=False, soft_wrap=True)
+        public = bundle.parent / "signing" / "trusted.pub"  # server.signing_keys: the key the run made
+        if public.is_file():
+            console.print(f"public key:    {public}  (screen --public-key)", highlight=False, soft_wrap=True)
     epsilon = f"epsilon max: {_number(result.epsilon_max, 2)}"
     own = result.epsilon_own_noise_max
     if own is not None and result.epsilon_max is not None and own > result.epsilon_max:

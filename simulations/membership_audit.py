@@ -56,7 +56,7 @@ def audit_release(run: RunConfig, result: SimulationResult, *, num_hospitals: in
         targets = [(result.run_dir, [h.train for h in hospitals])]
     sections = {}
     for run_dir, members in targets:
-        section = _audit_one(run_dir, members, test, seed=run.seed, setup_error=setup_error)
+        section = _audit_one(run, run_dir, members, test, setup_error=setup_error)
         section["gate"] = gate = _gate(section, bound)
         if not gate["passed"]:
             problems.append(_withhold(run_dir, section, bound))
@@ -68,15 +68,16 @@ def audit_release(run: RunConfig, result: SimulationResult, *, num_hospitals: in
         raise ReleaseWithheld("release withheld: " + "; ".join(problems))
 
 
-def _audit_one(run_dir: Path, members: list, test, *, seed: int, setup_error: str | None) -> dict:
+def _audit_one(run: RunConfig, run_dir: Path, members: list, test, *, setup_error: str | None) -> dict:
     if setup_error is not None:
         return {"error": setup_error}
     from common.bundle import load_bundle
+    from server.signing_keys import run_trusted_keys
     from simulations.baselines import pooled
 
     try:
-        model, _ = load_bundle(run_dir / BUNDLE_FILE)
-        section = audit_model(model, pooled(members), test, seed=seed).to_json()
+        model, _ = load_bundle(run_dir / BUNDLE_FILE, trusted=run_trusted_keys(run, run_dir))
+        section = audit_model(model, pooled(members), test, seed=run.seed).to_json()
     except Exception as error:  # noqa: BLE001 - recorded; fatal only when the gate is on
         return {"error": f"{type(error).__name__}: {error}"}
     log.info("membership inference on %s: advantage %.3f (chance level %.3f at 95%%), AUC %.3f, %d members vs "
@@ -97,6 +98,9 @@ def _withhold(run_dir: Path, section: dict, bound: float) -> str:
     bundle, aside = run_dir / BUNDLE_FILE, run_dir / UNRELEASED_FILE
     if bundle.is_file():
         bundle.replace(aside)
+        signature = bundle.with_name(bundle.name + ".sig")
+        if signature.is_file():  # the signature travels with the withheld model
+            signature.replace(aside.with_name(aside.name + ".sig"))
     section["gate"]["model"] = UNRELEASED_FILE
     if "error" in section:
         why = f"the membership-inference audit could not run ({section['error']})"

@@ -378,9 +378,11 @@ def simulation_section(request: SimulationRequest, *, hospital: int | None = Non
 
 
 def _create(path: Path, request: SimulationRequest, *, hospital: int | None = None) -> RunDirectory:
+    from server.signing_keys import run_signing
+
     run_dir = RunDirectory.create(path, config=request.run.to_flower())
     run_dir.document["simulation"] = simulation_section(request, hospital=hospital)
-    run_dir.flush()
+    run_dir.use_signing(run_signing(request.run, path))
     return run_dir
 
 

@@ -51,7 +51,9 @@ from deployment_helpers import (
     running_federation,
     wait_until,
 )
+from common.signing import TrustedKeys, verify_file
 from server import certs
+from server.signing_keys import generate_key_directory
 from simulations.presets import PRESETS
 
 pytestmark = pytest.mark.slow
@@ -134,7 +136,8 @@ def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federati
     lap("nodes online, unregistered node refused")
 
     run_dir = tmp_path / "run"
-    config = deployment_run_config(run_dir)
+    keys = generate_key_directory(tmp_path / "signing-key")  # the coordinator's own key, made beforehand
+    config = {**deployment_run_config(run_dir), "signing-key": str(keys.private)}
     flwr_run = fed.procs.start(
         "flwr-run", [str(BIN / "flwr"), "run", str(REPO), CONNECTION, "--stream", "--run-config",
                      run_config_text(config)], home=fed.cli_home, cwd=tmp_path)
@@ -202,6 +205,9 @@ def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federati
     assert "operating_point" in metrics["final"] and (run_dir / "report.html").is_file()
     assert metrics["config"]["model"] == config["model"]
     assert (run_dir / "model.mammofl").is_file()
+    assert metrics["signing"]["generated"] is False and not (run_dir / "signing").exists()
+    signed = verify_file(run_dir / "model.mammofl", TrustedKeys.read(keys.trusted), kind="bundle").provenance
+    assert signed.epsilon == {h: entry["epsilon"] for h, entry in privacy.items()}
     epsilons = sorted((entry["epsilon"], entry["epsilon_own_noise"]) for entry in privacy.values())
     ledger_epsilons = []
     for name in names:  # each survivor recorded the round in the ledger on its own disk (node config state-dir)

@@ -63,10 +63,13 @@ def check_contract(run_dir: Path, *, rounds: int, test_images: int, bundle: bool
 
 
 def load_bundle_without_flower(bundle: Path) -> dict:
-    """Load a bundle in a fresh interpreter and score it on a blank image; Flower must stay unimported."""
+    """Load a bundle in a fresh interpreter (verified against the key the simulation made in its run directory) and
+    score it on a blank image; Flower must stay unimported."""
     code = ("import json, sys, torch\n"
             "from common.bundle import load_bundle\n"
-            f"model, meta = load_bundle({str(bundle)!r})\n"
+            "from common.signing import TrustedKeys\n"
+            f"trusted = TrustedKeys.read({str(bundle.parent / 'signing' / 'trusted.pub')!r})\n"
+            f"model, meta = load_bundle({str(bundle)!r}, trusted=trusted)\n"
             "x = torch.zeros(2, 1, meta.model_config.image_size, meta.model_config.image_size)\n"
             "print(json.dumps({'shape': list(model(x).shape), 'kind': meta.model_config.kind,\n"
             "                  'classes': list(meta.class_names), 'flwr': 'flwr' in sys.modules}))\n")
@@ -235,4 +238,5 @@ def test_a_federation_that_loses_its_hospitals_fails_loudly_and_resumes(mias_dir
     assert document["simulation"]["mode"] == "federated"
     assert document["rounds"][1]["epsilon_max"] > first_epsilon
     assert document["config"]["sim-max-epsilon"] == 10.0
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0001.npz", "round-0002.npz"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "round-0001.npz", "round-0001.npz.sig", "round-0002.npz", "round-0002.npz.sig"]

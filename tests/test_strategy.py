@@ -23,6 +23,7 @@ from common.operating_point import ScoreHistogram, choose_operating_point, decid
 from common.operating_point import auc as histogram_auc
 from server.run_directory import eval_entry, final_from_federated, release_operating_point, with_operating_point
 from server.strategy import TooFewReplies, aggregate_evaluation, build_strategy
+from signed_files import SIGNER, TRUSTED
 
 GLOBAL = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 
@@ -176,7 +177,7 @@ def test_too_few_connected_nodes_fails_instead_of_waiting_forever():
 
 
 def test_checkpoint_written_each_round_and_resume_continues_numbering(tmp_path):
-    store = CheckpointStore(tmp_path / "checkpoints")
+    store = CheckpointStore(tmp_path / "checkpoints", signer=SIGNER, trusted=TRUSTED)
     strategy = build_strategy(_config(strategy="fedadam"), checkpoints=store)
     for rnd, value in ((1, 1.0), (2, 2.0)):
         ins = _instructions(strategy, rnd=rnd)
