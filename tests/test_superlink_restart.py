@@ -33,6 +33,7 @@ import pytest
 
 from client.node import train_round
 from client.privacy_ledger import PrivacyLedger
+from common.node_policy import NodePolicy
 from common.run_config import NodeConfig, RunConfig
 from server.checkpoints import Checkpoint, CheckpointStore
 from server.run_directory import RunDirectory
@@ -86,9 +87,10 @@ def test_the_ledger_knows_which_rounds_of_a_run_key_were_spent(tmp_path):
 def test_a_node_refuses_a_round_its_ledger_holds_under_the_run_key(tmp_path):
     """Before the resumed run's first instruction the node's Flower state is empty (a new Flower run): the ledger
     alone remembers round 2 of this run key. The refusal comes before any data is read or budget spent."""
-    node = NodeConfig(data_dir=tmp_path / "no-data-here", state_dir=tmp_path / "state", max_epsilon=50.0)
+    node = NodeConfig(data_dir=tmp_path / "no-data-here", state_dir=tmp_path / "state",
+                      policy=NodePolicy(max_epsilon=50.0))
     run = RunConfig(dp_mode="local", min_nodes=2)
-    ledger = PrivacyLedger(node.ledger_path, mechanism=run.accountant)
+    ledger = PrivacyLedger(node.ledger_path, mechanism=node.policy.accountant)
     _record(ledger, run_key="k" * 32, server_round=2, run_id="7")
     before = node.ledger_path.read_bytes()
     result = train_round(run=run, node=node, global_weights={}, server_round=2, run_id="8", run_key="k" * 32)
