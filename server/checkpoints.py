@@ -117,6 +117,12 @@ class CheckpointStore:
         _fsync_dir(self.started_dir)
         return marker
 
+    def unmark_started(self, round_number: int) -> None:
+        """Forget that round `round_number` started: every sampled hospital refused it, so nobody spent on it."""
+        (self.started_dir / f"started-{round_number:04d}").unlink(missing_ok=True)
+        if self.started_dir.is_dir():
+            _fsync_dir(self.started_dir)
+
     def started_rounds(self) -> list[int]:
         """Rounds whose training was started (marked), ascending."""
         if not self.started_dir.is_dir():

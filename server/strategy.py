@@ -150,6 +150,8 @@ class MammoStrategyMixin:
         rnd = server_round + self.round_offset
         valid, report, epsilons = self._sort_train_replies(rnd, replies)
         if len(valid) < self.min_train_replies:
+            if self.checkpoints is not None and report.sampled > 0 and report.refused == report.sampled:
+                self.checkpoints.unmark_started(rnd)  # every hospital refused: nothing spent, a resume may retry
             raise TooFewReplies(
                 f"round {rnd}: {len(valid)} valid training replies, at least {self.min_train_replies} needed "
                 f"(sampled {report.sampled}: refused {report.refused}, rejected {report.rejected}, "
