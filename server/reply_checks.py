@@ -3,7 +3,10 @@
 Identity: a hospital is its Flower node id (``Message.metadata.src_node_id``, set by the SuperLink from the node's
 authenticated connection), never a field the node writes into its reply. The ``partition-id`` a simulated node
 sends is kept only as a display label (``partition-N``), bound to the first node id that claims it; a second node
-claiming the same partition is shown as ``node-<id>`` and never touches the first one's records.
+claiming the same partition is shown as ``node-<id>`` and never touches the first one's records. After a
+coordinator restart (resume), the records of the checkpoint are kept by node id; a simulation restarted with it
+gives its virtual nodes new ids, so a record not seen since the restart passes to the first new node claiming its
+partition (its epsilon floor and ``num-examples`` go with it). Deployed nodes send no partition and keep their ids.
 
 Rules (each broken rule rejects the reply with a reason; nothing here raises on hostile input):
 
@@ -53,18 +56,29 @@ class NodeRegistry:
 
     def __init__(self) -> None:
         self.nodes: dict[int, NodeRecord] = {}
+        self._carried: set[int] = set()  # node ids restored from a checkpoint, not seen since
 
     def get(self, node_id: int, claimed_partition: object = None) -> NodeRecord:
-        """The record of `node_id`, created on first sight; a claimed partition names it if no other node holds
-        that name."""
+        """The record of `node_id`, created on first sight. A claimed partition names a node still called
+        ``node-<id>`` if no other node holds that name, or hands it a checkpoint's record of that name that no
+        node has used since the restart."""
+        self._carried.discard(node_id)
         record = self.nodes.get(node_id)
-        if record is None:
-            label = f"node-{node_id}"
-            if is_count(claimed_partition):
-                claimed = f"partition-{int(claimed_partition)}"
-                if all(r.label != claimed for r in self.nodes.values()):
-                    label = claimed
-            record = self.nodes[node_id] = NodeRecord(node_id=node_id, label=label)
+        default = f"node-{node_id}"
+        if (record is None or record.label == default) and is_count(claimed_partition):
+            claimed = f"partition-{int(claimed_partition)}"
+            holder = next((r for r in self.nodes.values() if r.label == claimed), None)
+            if holder is None:
+                record = record or NodeRecord(node_id=node_id, label=claimed)
+                record.label = claimed
+            elif holder.node_id in self._carried:
+                self._carried.discard(holder.node_id)
+                del self.nodes[holder.node_id]
+                if record is not None and record.epsilon is not None:
+                    holder.epsilon = max(record.epsilon, holder.epsilon or 0.0)
+                holder.node_id, record = node_id, holder
+        record = record or NodeRecord(node_id=node_id, label=default)
+        self.nodes[node_id] = record
         return record
 
     def to_json(self) -> list[dict]:
@@ -75,6 +89,7 @@ class NodeRegistry:
         registry = cls()
         for row in rows:
             registry.nodes[int(row["node_id"])] = NodeRecord(**row)
+        registry._carried = set(registry.nodes)
         return registry
 
 

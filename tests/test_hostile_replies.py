@@ -298,6 +298,41 @@ def test_a_spoofed_partition_id_does_not_touch_another_hospitals_record():
         "partition-0": 2.5, "partition-1": 1.5, "node-13": 0.6}
 
 
+def test_after_a_restart_a_simulated_hospital_with_a_new_node_id_keeps_its_record(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    strategy = build_strategy(_loose(), checkpoints=store)
+    ins = _instructions(strategy)
+    strategy.aggregate_train(1, [_reply(ins[n], eps=2.0 + i, n=10 + i, partition=i) for i, n in enumerate(NODES)])
+    resumed = build_strategy(_loose(), checkpoints=store)
+    resumed.restore(store.latest())
+    ins = _instructions(resumed, rnd=1, nodes=(31, 32, 33))  # a restarted simulation gives new node ids
+    _, metrics = resumed.aggregate_train(1, [_reply(ins[31], eps=2.5, n=10, partition=0),
+                                             _reply(ins[32], eps=2.5, n=11, partition=1),  # below its 3.0
+                                             _reply(ins[33], eps=4.5, n=12, partition=2),
+                                             ])
+    assert (metrics["replies-valid"], metrics["replies-rejected"]) == (2, 1)
+    assert resumed.train_reports[2].notes == [
+        "partition-1 (node 32): rejected: 'epsilon' 2.5 is below the 3 this node reported earlier in the run"]
+    assert {k: (v["epsilon"], v["node_id"]) for k, v in resumed.privacy.items()} == {
+        "partition-0": (2.5, 31), "partition-1": (3.0, 12), "partition-2": (4.5, 33)}
+
+
+def test_a_node_first_seen_in_evaluation_takes_its_partition_name_when_it_trains():
+    strategy = build_strategy(_loose(**{"num-server-rounds": 3}))
+    ev = {m.metadata.dst_node_id: _stamped(m) for m in
+          strategy.configure_evaluate(1, _arrays(GLOBAL), ConfigRecord(), NodesGrid(NODES))}
+    strategy.aggregate_evaluate(1, [_eval_reply(ev[n]) for n in NODES])  # evaluate replies name no partition
+    ins = _instructions(strategy, rnd=2)
+    strategy.aggregate_train(2, [_reply(ins[n], eps=1.0 + i, partition=i) for i, n in enumerate(NODES)])
+    assert {k: v["node_id"] for k, v in strategy.privacy.items()} == {
+        "partition-0": 11, "partition-1": 12, "partition-2": 13}
+    ins = _instructions(strategy, rnd=3)
+    strategy.aggregate_train(3, [_reply(ins[11], eps=2.0, partition=2), _reply(ins[12], eps=2.0, partition=1),
+                                 _reply(ins[13], eps=3.0, partition=0)])  # later claims change nothing
+    assert {k: v["node_id"] for k, v in strategy.privacy.items()} == {
+        "partition-0": 11, "partition-1": 12, "partition-2": 13}
+
+
 def test_a_reply_must_come_from_the_node_its_instruction_was_sent_to():
     strategy = build_strategy(_loose())
     ins = _instructions(strategy, rnd=1)
