@@ -8,6 +8,13 @@ The status texts come from Flower's own code path: real ``flwr.supercore.run.Run
 from __future__ import annotations
 
 import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from flwr.cli.ls import _to_json
@@ -82,3 +89,56 @@ def test_the_command_is_part_of_the_coordinator_cli():
     result = CliRunner().invoke(app, ["run", "--help"])
     assert result.exit_code == 0
     assert "0 completed, 1 failed, 2 stopped" in " ".join(result.output.split())
+
+
+def _free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (all held open while choosing, so none is handed out twice)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _processes_of(home: Path) -> list[int]:
+    """PIDs of live processes whose command line names `home` (the local SuperLink this test started)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(home).encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.slow
+def test_a_failed_loopback_run_exits_1_with_the_serverapps_error(tmp_path):
+    """A real local SuperLink (Flower's `local` connection, simulation) runs the app with a run config the
+    ServerApp refuses: Flower records `finished:failed`, and the command exits 1 naming the key. (Measured here:
+    `flwr run . local --stream` on the same run exits 0.)"""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    http_port, control_port = _free_ports(2)
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    command = [sys.executable, "-c", "from server.cli import app; app()", "run", str(REPO_ROOT), "local",
+               "--federation-config", "num-supernodes=2", "--run-config", "min-train-replies=5", "--wait", "60"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=400)
+    finally:
+        for pid in _processes_of(home):  # the detached local SuperLink outlives the command
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(1)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "finished:failed" in result.stderr
+    assert "run config 'min-train-replies' (5) exceeds 'min-nodes' (2)" in result.stderr
