@@ -6,14 +6,15 @@ Makefile sets it to ``../shared/data/mini-mias`` when that exists) and are skipp
 quality runs its whole default grid (see README, "Model quality", for how long that takes) and writes its JSON and
 plot to ``cache/bench/model-quality``; localisation (README, "Localisation": about 15 minutes on one CPU thread)
 shares its caches and rewrites ``bench/results/localisation.json``; the data path uses temporary caches; screening
-throughput (``bench.screening``) runs on the same mini-MIAS folder.
+throughput (``bench.screening``) runs on the same mini-MIAS folder. Hostile inputs (``bench.fuzz``: 100,000
+mutated files and configs, about 6 minutes on one CPU thread) run last and rewrite ``bench/results/fuzz.json``.
 """
 
 import os
 import sys
 from pathlib import Path
 
-from bench import data_path, grad_sample_modes, localisation, model_quality, screening
+from bench import data_path, fuzz, grad_sample_modes, localisation, model_quality, screening
 
 if __name__ == "__main__":
     grad_sample_modes.main([])
@@ -32,3 +33,5 @@ if __name__ == "__main__":
         print("\n# model quality, data path, localisation, screening: skipped, MINI_MIAS_DIR does not name a "
               "mini-MIAS folder",
               file=sys.stderr)
+    print()
+    fuzz.main(["--inputs", "100000"])

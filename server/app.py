@@ -107,9 +107,8 @@ class RoundRecorder:
     """Flower's `evaluate_fn`: called after each round; adds centralised evaluation and writes the round entry."""
 
     def __init__(self, run: RunDirectory, strategy: MammoStrategyMixin, model: torch.nn.Module,
-                 evaluator: Callable[[torch.nn.Module], dict] | None, accountant: str):
+                 evaluator: Callable[[torch.nn.Module], dict] | None):
         self.run, self.strategy, self.model, self.evaluator = run, strategy, model, evaluator
-        self.accountant = accountant
         self.last_central: dict | None = None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -138,7 +137,7 @@ class RoundRecorder:
             entry["centralised_eval"] = _summary(central)  # the histogram is kept for the final entry only
             self.last_central = {**central, "round": rnd}
         self.run.record_round(entry)
-        self.run.set_privacy({h: {**p, "accountant": self.accountant} for h, p in self.strategy.privacy.items()})
+        self.run.set_privacy(self.strategy.privacy)  # each hospital's numbers, by its own policy's accountant
         if secure is not None:  # no per-hospital loss leaves a node under distributed noise
             log.info("round %d: secure sum of %d hospitals (noise multiplier %.3g), epsilon max %s", rnd,
                      secure["contributors"], secure["noise_multiplier_of_sum"], entry["epsilon_max"])
@@ -166,7 +165,7 @@ def _run(grid: Grid, config: RunConfig, run: RunDirectory,
             run.record_round(_entry_from_checkpoint(checkpoint))
         log.info("resuming %s after round %d", run.path, done)
     evaluator = central_evaluator(config) if central_evaluator and config.sim_central_eval else None
-    recorder = RoundRecorder(run, strategy, model, evaluator, config.accountant)
+    recorder = RoundRecorder(run, strategy, model, evaluator)
     remaining = config.num_server_rounds - done
     if remaining > 0:
         result = strategy.start(

@@ -18,9 +18,10 @@ Rules (each broken rule rejects the reply with a reason; nothing here raises on 
   its first accepted train reply of the run: it is the size of the node's training split, which does not change
   within a run (Poisson sampling varies the batches, not this count). FedAvg weights are these counts, as declared;
   a node that lies from its first reply on is not caught here: the robust aggregations (run config
-  ``aggregation``) ignore the counts;
-- an evaluate reply has a positive integral ``num-examples``, confusion counts that are integers >= 0, and numbers
-  (not lists) for every other metric but the score histogram.
+  ``aggregation``) ignore the counts.
+
+Evaluate replies go through the same identity and duplicate rules; their contents are checked by the strategy
+(``server.strategy``: integral counts, noised or not; one number per metric).
 """
 
 from __future__ import annotations
@@ -158,24 +159,6 @@ def num_examples_problem(value: object, record: NodeRecord) -> str | None:
     if record.num_examples is not None and int(value) != record.num_examples:
         return (f"'{wire.NUM_EXAMPLES}' {int(value)} differs from the {record.num_examples} this node declared "
                 f"earlier in the run (its training split does not change within a run)")
-    return None
-
-
-def evaluate_reply_problem(metrics: MetricRecord | None) -> str | None:
-    """Why an evaluate reply's metrics cannot be aggregated, or None (the score histogram is checked apart)."""
-    if metrics is None:
-        return f"no MetricRecord '{wire.METRICS}'"
-    n = metrics.get(wire.NUM_EXAMPLES)
-    if not is_count(n) or not 1 <= n <= MAX_NUM_EXAMPLES:
-        return f"'{wire.NUM_EXAMPLES}' must be an integer in [1, {MAX_NUM_EXAMPLES}], got {n!r}"
-    for key, value in metrics.items():
-        if key == wire.SCORE_HISTOGRAM:
-            continue
-        if wire.confusion_cell(key) is not None:
-            if not is_count(value) or value < 0:
-                return f"confusion count '{key}' must be an integer >= 0, got {value!r}"
-        elif not is_number(value):
-            return f"metric '{key}' must be one number, got {type(value).__name__}"
     return None
 
 

@@ -44,16 +44,21 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from common import wire
+from common.operating_point import SHAPE as HISTOGRAM_SHAPE
 from common.operating_point import ScoreHistogram
+from common.node_policy import ACCOUNTANTS
+from common.private_counts import clip_pooled
 from common.run_config import RunConfig
 from common.update_bound import dp_sgd_update_bound
 from server.checkpoints import Checkpoint, CheckpointStore
-from server.reply_checks import (NodeRecord, NodeRegistry, StepReplies, epsilon_problem, evaluate_reply_problem,
-                                 num_examples_problem)
+from server.reply_checks import (MAX_NUM_EXAMPLES, NodeRecord, NodeRegistry, StepReplies, epsilon_problem,
+                                 is_number, num_examples_problem)
 
 log = logging.getLogger(__name__)
 
-_OPTIONAL_TRAIN_KEYS = {wire.PARTITION_ID}
+HISTOGRAM_CELLS = int(np.prod(HISTOGRAM_SHAPE))
+
+_OPTIONAL_TRAIN_KEYS = {wire.PARTITION_ID, wire.ACCOUNTANT}
 _PRIVACY_FIELDS = {  # wire key -> privacy report field
     wire.EPSILON: "epsilon",
     wire.EPSILON_OWN_NOISE: "epsilon_own_noise",
@@ -124,11 +129,13 @@ class MammoStrategyMixin:
     def __init__(self, *, min_train_replies: int, min_evaluate_replies: int, max_update_norm: float = 0.0,
                  local_round: LocalRound | None = None, dp_required: bool = True, aggregation: str = "mean",
                  byzantine_nodes: int = 1, node_wait_timeout: float = 600.0, round_offset: int = 0,
-                 checkpoints: CheckpointStore | None = None, final_round: int | None = None, **flower_kwargs):
+                 checkpoints: CheckpointStore | None = None, final_round: int | None = None,
+                 evaluate_every: int = 1, **flower_kwargs):
         super().__init__(**flower_kwargs)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.final_round = final_round  # its evaluation also asks for score histograms (the operating point)
+        self.evaluate_every = evaluate_every  # federated evaluation costs the hospitals budget: not every round
         self.min_train_replies = min_train_replies
         self.min_evaluate_replies = min_evaluate_replies
         self.max_update_norm = max_update_norm
@@ -157,8 +164,15 @@ class MammoStrategyMixin:
         self._sent["train"] = [m.metadata for m in messages]
         return messages
 
+    def evaluates(self, rnd: int) -> bool:
+        """Whether round `rnd` (absolute) has a federated evaluation: every `evaluate_every` rounds and the last."""
+        return rnd % self.evaluate_every == 0 or rnd == self.final_round
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        if not self.evaluates(server_round + self.round_offset):
+            self._sent["evaluate"] = []
+            return []
         if self.fraction_evaluate > 0:
             self._wait_for_nodes(grid, server_round + self.round_offset)
         if server_round + self.round_offset == self.final_round:
@@ -263,6 +277,8 @@ class MammoStrategyMixin:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rnd = server_round + self.round_offset
         sent = self._sent.pop("evaluate", [])
+        if not self.evaluates(rnd):
+            return None
         step = StepReplies(sent)
         report = RoundReport(round=rnd, sampled=len(sent))
         records: list[MetricRecord] = []
@@ -275,9 +291,11 @@ class MammoStrategyMixin:
                 report.count("failed", node.name, msg.error.reason)
                 continue
             metrics = msg.content.metric_records.get(wire.METRICS)
-            problem = step.origin_problem(msg, node.node_id) or evaluate_reply_problem(metrics)
-            if problem is None and wire.SCORE_HISTOGRAM in metrics:
-                problem = _histogram_problem(metrics)
+            problem = step.origin_problem(msg, node.node_id)
+            if problem is None and metrics is not None and metrics.get(wire.REFUSED) == 1.0:
+                report.count("refused", node.name, _refusal_reason(msg.content))
+                continue
+            problem = problem or _evaluation_problem(metrics)
             if problem:
                 report.count("rejected", node.name, problem)
                 continue
@@ -405,6 +423,9 @@ class MammoStrategyMixin:
         entry["epsilon"] = eps
         if wire.DP_ENABLED in metrics:
             entry["dp"] = bool(metrics[wire.DP_ENABLED])
+        accountant = metrics.get(wire.ACCOUNTANT)
+        if _is_integer(accountant) and 0 <= accountant < len(ACCOUNTANTS):
+            entry["accountant"] = ACCOUNTANTS[int(accountant)]
         entry["last_round"] = rnd
         entry["node_id"] = node.node_id
         return eps
@@ -441,6 +462,7 @@ def build_strategy(config: RunConfig, *, checkpoints: CheckpointStore | None = N
         node_wait_timeout=config.round_timeout,
         checkpoints=checkpoints,
         final_round=config.num_server_rounds,
+        evaluate_every=config.evaluate_every,
     )
     if config.distributed_dp:
         from server.secure_aggregation import SecureFedSGD, SecureRoundSettings
@@ -462,26 +484,58 @@ def build_strategy(config: RunConfig, *, checkpoints: CheckpointStore | None = N
 
 
 def aggregate_evaluation(records: list[MetricRecord]) -> MetricRecord:
-    """Combine evaluation replies: confusion counts, score histograms and examples summed, other metrics
-    example-weighted means.
+    """Combine evaluation replies: confusion counts, score histograms and examples summed (noised counts: summed,
+    then negatives clipped to 0), other metrics example-weighted means; ``EVALUATION_NOISE`` of the pooled counts.
 
     A metric a hospital could not compute (NaN, e.g. an AUC on a split with one class) is left out of that
     metric's mean instead of turning it into NaN; a metric nobody could compute stays NaN.
     """
     out = MetricRecord()
-    weights = [float(r[wire.NUM_EXAMPLES]) for r in records]
-    out[wire.NUM_EXAMPLES] = int(sum(weights))
-    keys = sorted({k for r in records for k in r if k != wire.NUM_EXAMPLES})
+    weights = [max(float(r[wire.NUM_EXAMPLES]), 0.0) for r in records]
+    out[wire.NUM_EXAMPLES] = max(int(sum(int(r[wire.NUM_EXAMPLES]) for r in records)), 0)
+    keys = sorted({k for r in records for k in r if k not in (wire.NUM_EXAMPLES, wire.EVALUATION_NOISE)})
+    noise = [float(r.get(wire.EVALUATION_NOISE, 0.0)) for r in records]
+    out[wire.EVALUATION_NOISE] = math.sqrt(sum(v * v for v in noise))  # of each pooled count
     for key in keys:
         if wire.confusion_cell(key) is not None:
-            out[key] = int(sum(int(r.get(key, 0)) for r in records))
+            out[key] = max(int(sum(int(r.get(key, 0)) for r in records)), 0)
             continue
-        if key == wire.SCORE_HISTOGRAM:  # only hospitals that sent one; their counts add up
-            histograms = [ScoreHistogram.from_flat(r[key]) for r in records if key in r]
-            out[key] = sum(histograms[1:], histograms[0]).flat()
+        if key == wire.SCORE_HISTOGRAM:  # only hospitals that sent one; their (noised) counts add up, then clip
+            pooled = sum(np.asarray(r[key], dtype=np.int64) for r in records if key in r)
+            out[key] = [int(v) for v in clip_pooled(pooled)]
             continue
         out[key] = _weighted_mean([(r[key], w) for r, w in zip(records, weights) if key in r])
     return out
+
+
+def _evaluation_problem(metrics: MetricRecord | None) -> str | None:
+    """Why an evaluate reply cannot be pooled, or None. Noised counts (``EVALUATION_NOISE`` > 0) are integers of
+    any sign; exact ones are non-negative and the score histogram must count exactly ``NUM_EXAMPLES`` images."""
+    if metrics is None:
+        return "evaluate reply without metrics"
+    noise = metrics.get(wire.EVALUATION_NOISE, 0.0)
+    if not _finite(noise) or noise < 0:
+        return f"'{wire.EVALUATION_NOISE}' must be a finite number >= 0, got {noise!r}"
+    noised = noise > 0
+    n = metrics.get(wire.NUM_EXAMPLES)
+    if not _is_integer(n) or (not noised and n <= 0) or abs(n) > MAX_NUM_EXAMPLES:
+        return f"evaluate reply without a {'' if noised else 'positive '}integer '{wire.NUM_EXAMPLES}'"
+    for key, value in metrics.items():
+        if key != wire.SCORE_HISTOGRAM and not is_number(value):
+            return f"metric '{key}' must be one number, got {type(value).__name__}"
+    for key in metrics:
+        if wire.confusion_cell(key) is not None and (not _is_integer(metrics[key]) or
+                                                     (not noised and metrics[key] < 0)):
+            return f"'{key}' must be an integer count, got {metrics[key]!r}"
+    if wire.SCORE_HISTOGRAM in metrics:
+        values = np.asarray(metrics[wire.SCORE_HISTOGRAM])
+        if values.size != HISTOGRAM_CELLS or not np.all(np.isfinite(values)) \
+                or (values != np.round(values)).any() or (not noised and (values < 0).any()):
+            return f"'{wire.SCORE_HISTOGRAM}': must be {HISTOGRAM_CELLS} integer counts"
+        if not noised and int(values.sum()) != n:
+            return (f"'{wire.SCORE_HISTOGRAM}' counts {int(values.sum())} images, '{wire.NUM_EXAMPLES}' says "
+                    f"{int(n)}")
+    return None
 
 
 def _weighted_mean(pairs: list[tuple[object, float]]) -> float:
@@ -501,18 +555,6 @@ def _essentials(msg: Message) -> Message:
     return Message(content=content, metadata=msg.metadata)
 
 
-def _histogram_problem(metrics: MetricRecord) -> str | None:
-    """Why an evaluate reply's score histogram cannot be pooled, or None."""
-    try:
-        histogram = ScoreHistogram.from_flat(metrics[wire.SCORE_HISTOGRAM])
-    except (TypeError, ValueError) as error:
-        return f"'{wire.SCORE_HISTOGRAM}': {error}"
-    n = metrics[wire.NUM_EXAMPLES]
-    if histogram.total != n:
-        return f"'{wire.SCORE_HISTOGRAM}' counts {histogram.total} images, '{wire.NUM_EXAMPLES}' says {int(n)}"
-    return None
-
-
 def _refusal_reason(content: RecordDict) -> str:
     record = content.config_records.get(wire.REFUSAL)
     reason = record.get(wire.REASON) if record is not None else None
@@ -521,3 +563,9 @@ def _refusal_reason(content: RecordDict) -> str:
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and float(value) == int(value)

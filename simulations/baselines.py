@@ -28,6 +28,7 @@ from client.training import LocalTrainConfig, evaluate_local, train_local
 from common.bundle import BundleMeta, save_bundle
 from common.device import default_device
 from common.models import build_model
+from common.privacy import DEFAULT_MECHANISM
 from common.records import CLASS_NAMES
 from common.run_config import NodeConfig, RunConfig
 from common.weights import exchanged_weights
@@ -122,7 +123,7 @@ def train_baseline(run_dir: RunDirectory, run: RunConfig, *, train: Dataset, val
         privacy = {privacy_name: {"epsilon": outcome.epsilon, "delta": outcome.delta,
                                   "noise_multiplier": outcome.noise_multiplier,
                                   "max_grad_norm": outcome.max_grad_norm, "steps": steps,
-                                  "accountant": outcome.accountant or run.accountant, "dp": run.dp,
+                                  "accountant": outcome.accountant or DEFAULT_MECHANISM, "dp": run.dp,
                                   "last_round": rnd}}
         run_dir.checkpoints.save(Checkpoint(round=rnd, arrays=exchanged_weights(model),
                                             meta={"privacy": privacy}))

@@ -210,7 +210,7 @@ def test_a_federation_that_loses_its_hospitals_fails_loudly_and_resumes(mias_dir
     growing (the hospitals' ledgers live on their own disks)."""
     out = tmp_path / "interrupted"
     done = sim("run", "--preset", "smoke", "--data-dir", str(mias_dir), "--out", str(out), "--no-live",
-               "--set", "num-server-rounds=2", "--set", "max-epsilon=6")
+               "--set", "num-server-rounds=2", "--set", "sim-max-epsilon=6")
     assert done.returncode == 1, done.stderr[-4000:]
     assert "federated run failed" in done.stderr
     assert "privacy budget would exceed max-epsilon 6" in done.stderr
@@ -220,12 +220,12 @@ def test_a_federation_that_loses_its_hospitals_fails_loudly_and_resumes(mias_dir
     first_epsilon = failed["rounds"][0]["epsilon_max"]
     assert 0 < first_epsilon < 6
 
-    resumed = sim("run", "--resume", str(out), "--no-live", "--set", "max-epsilon=10")
+    resumed = sim("run", "--resume", str(out), "--no-live", "--set", "sim-max-epsilon=10")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     document = json.loads((out / "metrics.json").read_text())
     assert document["status"] == "completed" and [r["round"] for r in document["rounds"]] == [1, 2]
     assert document["resumed"][0]["from_round"] == 1
     assert document["simulation"]["mode"] == "federated"
     assert document["rounds"][1]["epsilon_max"] > first_epsilon
-    assert document["config"]["max-epsilon"] == 10.0
+    assert document["config"]["sim-max-epsilon"] == 10.0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0001.npz", "round-0002.npz"]

@@ -249,11 +249,12 @@ def test_final_metrics_from_federated_counts_match_the_pooled_definitions():
 
 def _eval_reply(instruction, *, labels, probs, histogram=None):
     from client.app import evaluation_reply_metrics
-    from common.evaluation import EvalOutcome
+    from client.node import EvaluationRelease
 
-    outcome = EvalOutcome(num_examples=len(labels), loss=0.5, metrics=classification_metrics(labels, probs),
-                          score_histogram=ScoreHistogram.of(labels, probs))
-    metrics = evaluation_reply_metrics(outcome, score_histogram=True)
+    exact = classification_metrics(labels, probs)  # a node whose policy releases evaluations in clear
+    release = EvaluationRelease(num_examples=len(labels), confusion=np.asarray(exact["confusion_matrix"]), loss=0.5,
+                                metrics=exact, score_histogram=np.asarray(ScoreHistogram.of(labels, probs).flat()))
+    metrics = evaluation_reply_metrics(release)
     if histogram is not None:
         metrics[wire.SCORE_HISTOGRAM] = histogram
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=instruction)
