@@ -5,16 +5,17 @@ localisation and screening benchmarks need mini-MIAS: they run when ``MINI_MIAS_
 Makefile sets it to ``../shared/data/mini-mias`` when that exists) and are skipped with a message otherwise. Model
 quality runs its whole default grid (see README, "Model quality", for how long that takes) and writes its JSON and
 plot to ``cache/bench/model-quality``; localisation (README, "Localisation": about 15 minutes on one CPU thread)
-shares its caches and rewrites ``bench/results/localisation.json``; the data path uses temporary caches; screening
-throughput (``bench.screening``) runs on the same mini-MIAS folder. Hostile inputs (``bench.fuzz``: 100,000
-mutated files and configs, about 6 minutes on one CPU thread) run last and rewrite ``bench/results/fuzz.json``.
+shares its caches and rewrites ``bench/results/localisation.json``; membership inference (``bench.membership``,
+README "Membership inference") rewrites ``bench/results/membership.json``; the data path uses temporary caches;
+screening throughput (``bench.screening``) runs on the same mini-MIAS folder. Hostile inputs (``bench.fuzz``:
+100,000 mutated files and configs, about 6 minutes on one CPU thread) run last and rewrite ``bench/results/fuzz.json``.
 """
 
 import os
 import sys
 from pathlib import Path
 
-from bench import data_path, fuzz, grad_sample_modes, localisation, model_quality, screening
+from bench import data_path, fuzz, grad_sample_modes, localisation, membership, model_quality, screening
 
 if __name__ == "__main__":
     grad_sample_modes.main([])
@@ -26,6 +27,8 @@ if __name__ == "__main__":
         data_path.main(["--data-dir", data])
         print()
         localisation.main(["--data-dir", data, "--out", "bench/results"])
+        print()
+        membership.main(["--data-dir", data, "--out", "bench/results"])
         print()
         dicom = screening.SHARED_DATA / "dicom"
         screening.main(["--mias-dir", data, *(["--dicom"] if dicom.is_dir() else [])])

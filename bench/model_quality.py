@@ -214,6 +214,15 @@ def federated_scores(row: Row, schedule: Schedule, sigma: float, model_config: M
                      prepared: Sequence[PreparedImage], train_idx: list[int], test_idx: list[int], seed: int,
                      engine: str) -> tuple[np.ndarray, float]:
     """FedSGD over `row.hospitals` IID hospitals; returns the epsilon of one hospital's own noise share."""
+    model, epsilon = train_federated(row, schedule, sigma, model_config, data, prepared, train_idx, seed, engine)
+    return _malignancy(model, data, test_idx), epsilon
+
+
+def train_federated(row: Row, schedule: Schedule, sigma: float | None, model_config: ModelConfig,
+                    data: CellDataset, prepared: Sequence[PreparedImage], train_idx: list[int], seed: int,
+                    engine: str = "fast") -> tuple[torch.nn.Module, float | None]:
+    """The federated row's model of one fold (FedSGD over `row.hospitals` IID hospitals cut from `train_idx`;
+    DP off when `sigma` is None) and the epsilon of one hospital's own noise share."""
     sites = hospitals_for(prepared, train_idx, hospitals=row.hospitals, seed=seed)
     torch.manual_seed(seed)
     model = build_model(model_config)
@@ -224,7 +233,7 @@ def federated_scores(row: Row, schedule: Schedule, sigma: float, model_config: M
                           max_grad_norm=schedule.max_grad_norm if private else math.inf,
                           cell_loss_weight=row.cell_loss_weight, delta=DELTA, accountant=ACCOUNTANT)
     outcome = fedsgd(model, data, sites, config=config, seed=seed, engine=engine)
-    return _malignancy(model, data, test_idx), max(outcome.epsilons) if private else None
+    return model, max(outcome.epsilons) if private else None
 
 
 def isolated_scores(row: Row, schedule: Schedule, sigma: float | None, model_config: ModelConfig,

@@ -130,7 +130,8 @@ def make_client_app(*, overrides: Mapping[str, Any] | None = None,
         server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
         result = train_round(run=run, node=node, global_weights=_weights(msg), server_round=server_round,
                              proximal_mu=float(msg.content[wire.CONFIG].get(wire.PROXIMAL_MU, 0.0)),
-                             trained_rounds=frozenset(state[_TRAINED]), run_id=str(context.run_id))
+                             trained_rounds=frozenset(state[_TRAINED]), run_id=str(context.run_id),
+                             run_key=str(msg.content[wire.CONFIG].get(wire.RUN_KEY, "")) or None)
         if not result.refused:
             state[_TRAINED] = [*state[_TRAINED], server_round]
             context.state[_STATE] = state
@@ -225,7 +226,7 @@ def _secure_train(msg: Message, context: Context, run: RunConfig, node: NodeConf
                              max_weight=float(secagg.max_weight), sum_range=sum_range)
     result = train_secure_round(run=run, node=node, global_weights=dict(zip(keys, arrays)),
                                 server_round=server_round, terms=terms, trained_rounds=frozenset(state[_TRAINED]),
-                                run_id=str(context.run_id))
+                                run_id=str(context.run_id), run_key=str(fitins.config.get(wire.RUN_KEY, "")) or None)
     if result.refused:
         raise NodeRefusal(result.refusal)
     state[_TRAINED] = [*state[_TRAINED], server_round]

@@ -184,6 +184,10 @@ def print_ledger(statement: dict, console: Console) -> None:
 def screen_command(
     inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help="DICOM/PNG/PGM files or folders.")],
     model: Annotated[Path, typer.Option("--model", metavar="BUNDLE", help="Released model bundle.")],
+    public_key: Annotated[Path, typer.Option(
+        "--public-key", metavar="PEM",
+        help="The coordinator's trusted public key(s) (trusted.pub): the model must carry a valid signature from "
+             "one of them (MODEL.sig beside it).")],
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Output folder (created).")],
     json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON summary on stdout.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")] = 8,
@@ -195,6 +199,7 @@ def screen_command(
     from client.screening import OutputExists, check_output, count_files, missing_inputs, screen
     from common.bundle import BundleError
     from common.inference import Predictor
+    from common.signing import SignatureError, TrustedKeys
 
     errors = Console(stderr=True)
 
@@ -212,10 +217,18 @@ def screen_command(
     except OutputExists as exc:
         fail(str(exc))
     try:
+        trusted = TrustedKeys.read(public_key)
+    except SignatureError as exc:
+        fail(str(exc))
+    try:
         with contextlib.redirect_stdout(sys.stderr):
-            predictor = Predictor.from_bundle(model)
+            predictor = Predictor.from_bundle(model, trusted=trusted)
     except BundleError as exc:
         fail(f"cannot use the model: {exc}")
+    provenance = predictor.meta.provenance
+    errors.print(f"model signature verified ({public_key.name}): round {provenance.round}, "
+                 f"{len(provenance.hospitals)} hospital(s), signed {provenance.signed_at}", highlight=False,
+                 soft_wrap=True)
     with Progress(TextColumn("screening"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=errors, transient=json_output) as progress:
         task = progress.add_task("screen", total=count_files(inputs))

@@ -10,7 +10,9 @@ is enforced HERE, from its own ledger on its own disk, never from what the coord
 - before training, the ledger checks the planned DP-SGD steps against the policy's ``max-epsilon`` and, if they
   fit, records them, both under its lock (``PrivacyLedger.spend``: two processes of one node cannot overspend
   together); a round that would exceed it is refused (no weights leave the node, the reason does);
-- a round number already trained in this run is refused (a replayed instruction must not spend budget twice);
+- a round number already trained in this run is refused (a replayed instruction must not spend budget twice),
+  and so is a round the ledger holds under the instruction's run key (the coordinator's run identity, the same
+  after it was restarted and resumed its run as a new Flower run);
 - the steps are thus recorded BEFORE training and before the reply leaves, so a crash or a failed round can only
   over-count; training that took more than was charged withholds the update.
 
@@ -124,7 +126,7 @@ def _policy_refusal(run: RunConfig, node: NodeConfig, rounds_trained: int) -> st
 
 def train_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str, np.ndarray], server_round: int,
                 proximal_mu: float = 0.0, trained_rounds: frozenset[int] = frozenset(),
-                run_id: str | None = None) -> TrainResult:
+                run_id: str | None = None, run_key: str | None = None) -> TrainResult:
     """Train one round from `global_weights`, or refuse (see the module doc)."""
     policy = node.policy
     delta = policy.accounting_delta(run.delta)
@@ -142,7 +144,7 @@ def train_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str, n
     if run.distributed_dp:
         return refuse("refused: the run uses distributed noise, which needs secure aggregation, but this "
                       "training message came without it: this node's update would leave in clear")
-    if server_round in trained_rounds:
+    if server_round in trained_rounds or (run_key and ledger.has_trained(run_key, server_round)):
         return refuse(f"refused: round {server_round} was already trained by this node in this run")
     objection = _policy_refusal(run, node, len(trained_rounds))
     if objection:
@@ -154,7 +156,7 @@ def train_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str, n
         plan = plan_dp_round(len(data.train), config=config)
         spend = ledger.spend(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps,
                              delta=delta, max_epsilon=policy.max_epsilon, on_aggregate=policy.budget_on_aggregate,
-                             run_id=run_id, server_round=server_round)
+                             run_id=run_id, server_round=server_round, run_key=run_key)
         if not spend.allowed:
             return refuse(spend.reason)
         prior_state = spend.prior_state
@@ -208,7 +210,7 @@ class SecureRoundTerms:
 
 def train_secure_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str, np.ndarray],
                        server_round: int, terms: SecureRoundTerms, trained_rounds: frozenset[int] = frozenset(),
-                       run_id: str | None = None) -> TrainResult:
+                       run_id: str | None = None, run_key: str | None = None) -> TrainResult:
     """One FedSGD step with this node's share of the noise, for a secure sum; or a refusal (see module doc).
 
     The returned `gradient_sum` is (sum of clipped per-example gradients + noise) / max-grad-norm per weight;
@@ -230,7 +232,7 @@ def train_secure_round(*, run: RunConfig, node: NodeConfig, global_weights: dict
 
     if not run.dp:
         return refuse("refused: distributed noise needs dp = true")
-    if server_round in trained_rounds:
+    if server_round in trained_rounds or (run_key and ledger.has_trained(run_key, server_round)):
         return refuse(f"refused: round {server_round} was already trained by this node in this run")
     objection = _policy_refusal(run, node, len(trained_rounds))
     if objection:
@@ -260,7 +262,7 @@ def train_secure_round(*, run: RunConfig, node: NodeConfig, global_weights: dict
     spend = ledger.spend(noise_multiplier=share, aggregate_noise_multiplier=aggregate_noise,
                          sample_rate=plan.sample_rate, steps=plan.steps, delta=delta,
                          max_epsilon=policy.max_epsilon, on_aggregate=policy.budget_on_aggregate, run_id=run_id,
-                         server_round=server_round)
+                         server_round=server_round, run_key=run_key)
     if not spend.allowed:
         return refuse(spend.reason)
     outcome = train_local(model, data.train, config=config, accountant_state=spend.prior_state,
@@ -300,6 +302,14 @@ class EvaluationRelease:
         return self.refusal is not None
 
 
+def exact_release(outcome: EvalOutcome, *, score_histogram: bool = False) -> EvaluationRelease:
+    """An evaluation released in clear (policy ``evaluation = clear``; a simulation's baselines)."""
+    confusion = np.asarray(outcome.metrics.get("confusion_matrix") or np.zeros((3, 3)), dtype=np.int64)
+    histogram = np.asarray(outcome.score_histogram.flat(), dtype=np.int64) if score_histogram else None
+    return EvaluationRelease(num_examples=int(outcome.num_examples), confusion=confusion, loss=outcome.loss,
+                             metrics=outcome.metrics, score_histogram=histogram)
+
+
 def evaluate_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str, np.ndarray],
                    server_round: int, evaluations_done: int = 0, score_histogram: bool = False,
                    run_id: str | None = None, rng: np.random.Generator | None = None) -> EvaluationRelease:
@@ -321,11 +331,10 @@ def evaluate_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str
     model = build_model(run.model_config())
     load_weights(model, global_weights, source=f"round {server_round} global model")
     outcome = evaluate_local(model, data.val, device=default_device())
-    confusion = np.asarray(outcome.metrics.get("confusion_matrix") or np.zeros((3, 3)), dtype=np.int64)
-    histogram = np.asarray(outcome.score_histogram.flat(), dtype=np.int64) if score_histogram else None
+    exact = exact_release(outcome, score_histogram=score_histogram)
     if policy.evaluation == "clear":
-        return EvaluationRelease(num_examples=int(outcome.num_examples), confusion=confusion, loss=outcome.loss,
-                                 metrics=outcome.metrics, score_histogram=histogram)
+        return exact
+    confusion, histogram = exact.confusion, exact.score_histogram
     std = private_counts.noise_std(policy.evaluation_noise_multiplier, blocks)
     rng = rng or np.random.default_rng()  # fresh entropy: a seed the coordinator knew would undo the noise
     noised_confusion = private_counts.release_counts(confusion, std=std, rng=rng)

@@ -30,9 +30,13 @@ File format (version 2; a version-1 file, written before distributed noise exist
 both histories):
     {"version": 2, "mechanism": "rdp", "history": [[noise, rate, steps], ...],
      "aggregate-history": [[noise, rate, steps], ...],
-     "entries": [{"time": ISO-8601, "run_id": ..., "server_round": ..., "noise_multiplier": ...,
+     "entries": [{"time": ISO-8601, "run_id": ..., "run_key": ..., "server_round": ..., "noise_multiplier": ...,
                   "aggregate_noise_multiplier": ..., "sample_rate": ..., "steps": ..., "delta": ...,
                   "epsilon": ..., "epsilon_aggregate": ...}, ...]}
+
+``run_id`` is the Flower run that asked; ``run_key`` the coordinator's run identity, which survives its restarts
+(a resumed run is a new Flower run with the same run key): :meth:`PrivacyLedger.has_trained` finds a round already
+spent under it.
 """
 
 from __future__ import annotations
@@ -181,6 +185,11 @@ class PrivacyLedger:
         """Epsilon spent at `delta`: of this node's own noise, or (`aggregate`) of the noise the coordinator saw."""
         return (self._aggregate if aggregate else self._accountant).epsilon(delta)
 
+    def has_trained(self, run_key: str, server_round: int) -> bool:
+        """Whether round `server_round` of the run named `run_key` was already trained (and spent) here."""
+        return any(e.get("run_key") == run_key and e.get("server_round") == server_round
+                   and e.get("kind", "training") == "training" for e in self._entries)
+
     # ------------------------------------------------------------------ budget
     def check_budget(self, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                      max_epsilon: float, aggregate_noise_multiplier: float | None = None,
@@ -212,25 +221,31 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ writing
     def spend(self, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float, max_epsilon: float,
               aggregate_noise_multiplier: float | None = None, on_aggregate: bool = False,
-              run_id: str | None = None, server_round: int | None = None, kind: str = "training") -> Spend:
+              run_id: str | None = None, server_round: int | None = None, kind: str = "training",
+              run_key: str | None = None) -> Spend:
         """Check the budget (as `check_budget`) and, if allowed, record the steps (as `record`), atomically with
         respect to every other writer of this ledger. Call it before training with the planned steps; a refusal
-        writes nothing."""
+        writes nothing. With `run_key`, a training round of that run already in the ledger is refused too."""
         _check_aggregate_noise(noise_multiplier, aggregate_noise_multiplier)
         with self._locked():
             prior = self.accountant_state()
+            if run_key is not None and server_round is not None and self.has_trained(run_key, server_round):
+                now = self._accountant.epsilon(delta)
+                return Spend(BudgetDecision(False, now, now, float(max_epsilon),
+                                            f"refused: round {server_round} of this run (key {run_key}) is already "
+                                            f"in this node's ledger"), prior)
             decision = self._decide(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
                                     delta=delta, max_epsilon=max_epsilon,
                                     aggregate_noise_multiplier=aggregate_noise_multiplier, on_aggregate=on_aggregate)
             if decision.allowed:
                 self._append(noise_multiplier=noise_multiplier, aggregate_noise_multiplier=aggregate_noise_multiplier,
                              sample_rate=sample_rate, steps=steps, delta=delta, run_id=run_id,
-                             server_round=server_round, kind=kind)
+                             server_round=server_round, kind=kind, run_key=run_key)
         return Spend(decision, prior)
 
     def record(self, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                aggregate_noise_multiplier: float | None = None, run_id: str | None = None,
-               server_round: int | None = None, kind: str = "training") -> float:
+               server_round: int | None = None, kind: str = "training", run_key: str | None = None) -> float:
         """Add `steps` DP-SGD steps to the ledger unconditionally (under the lock, on top of whatever other
         processes recorded), persist atomically, return the new epsilon of the node's own noise
         (`epsilon(delta, aggregate=True)` gives the other). `aggregate_noise_multiplier`: the noise of what the
@@ -240,11 +255,12 @@ class PrivacyLedger:
         with self._locked():
             return self._append(noise_multiplier=noise_multiplier,
                                 aggregate_noise_multiplier=aggregate_noise_multiplier, sample_rate=sample_rate,
-                                steps=steps, delta=delta, run_id=run_id, server_round=server_round, kind=kind)
+                                steps=steps, delta=delta, run_id=run_id, server_round=server_round, kind=kind,
+                                run_key=run_key)
 
     def _append(self, *, noise_multiplier: float, aggregate_noise_multiplier: float | None, sample_rate: float,
                 steps: int, delta: float, run_id: str | None, server_round: int | None,
-                kind: str = "training") -> float:
+                kind: str = "training", run_key: str | None = None) -> float:
         """Add one entry and write the file; the caller holds the lock. On error the view is re-read."""
         aggregate_noise = aggregate_noise_multiplier or noise_multiplier
         try:
@@ -253,7 +269,7 @@ class PrivacyLedger:
             epsilon = self._accountant.epsilon(delta)
             self._entries.append({
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "run_id": run_id, "server_round": server_round, "kind": kind,
+                "run_id": run_id, "run_key": run_key, "server_round": server_round, "kind": kind,
                 "noise_multiplier": float(noise_multiplier), "aggregate_noise_multiplier": float(aggregate_noise),
                 "sample_rate": float(sample_rate), "steps": int(steps), "delta": float(delta), "epsilon": epsilon,
                 "epsilon_aggregate": self._aggregate.epsilon(delta),

@@ -104,6 +104,8 @@ class CoordinatorSettings:
     run_dir: str = _opt("", "where the coordinator writes metrics, checkpoints and the model (empty = "
                         "runs/<UTC time>)")
     resume: str = _opt("", "run directory of an interrupted run to continue from its last checkpoint")
+    signing_key: str = _opt("", "the coordinator's Ed25519 private key that signs checkpoints and the model "
+                            "(mammofl-coordinator signing-key generate; empty = a key made in <run dir>/signing/)")
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,9 @@ class SimulationSettings:
                                          "sum (trusting SecAgg+) instead of their own noise")
     sim_max_epsilon: float = _opt(10.0, "virtual hospitals' lifetime privacy budget (their policy's max-epsilon)",
                                   low=0.0, low_open=True)
+    sim_max_attack_advantage: float = _opt(0.0, "release gate of a simulation: withhold the model "
+                                           "(model.unreleased, exit 1) when a membership-inference attack's "
+                                           "advantage exceeds this (0 = off)", low=0.0, high=1.0)
 
 
 @dataclass(frozen=True)

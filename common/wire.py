@@ -39,6 +39,7 @@ SERVER_ROUND = "server-round"  # injected by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx
 WANT_SCORE_HISTOGRAM = "score-histogram"  # evaluate instruction: 1 = reply with SCORE_HISTOGRAM too
 WEIGHT_KEYS = "weight-keys"  # secure rounds: names of the legacy parameters list, in order (`join_keys`)
+RUN_KEY = "run-key"  # train instruction: the run's identity across coordinator restarts (its run directory's key)
 
 # ---------------------------------------------------------------- train reply metrics (node -> server)
 NUM_EXAMPLES = "num-examples"  # weight of the reply in averaging (Flower's default `weighted_by_key`)

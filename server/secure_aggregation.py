@@ -140,7 +140,8 @@ class SecureFedSGD(MammoStrategyMixin, FedAvg):
                                      parameters=sum(int(self._global[k].size) for k in keys))
         outcome = SecureRoundOutcome(participants=participants, threshold=threshold, sum_range=sum_range)
         fitins = FitIns(ndarrays_to_parameters([self._global[k] for k in keys]),
-                        {wire.SERVER_ROUND: rnd, wire.WEIGHT_KEYS: wire.join_keys(keys)})
+                        {wire.SERVER_ROUND: rnd, wire.WEIGHT_KEYS: wire.join_keys(keys),
+                         **({wire.RUN_KEY: config[wire.RUN_KEY]} if wire.RUN_KEY in config else {})})
         nodes = SimpleClientManager()
         for node_id in participants:
             nodes.register(_Node(node_id))

@@ -22,7 +22,8 @@ On top of Flower's own aggregation (``flwr.serverapp.strategy``), every round:
   (a node training without DP reports +inf), and each hospital's latest privacy numbers are kept (``privacy``,
   keyed by display label, with the node id);
 - the train loss is the example-weighted mean over valid replies (a round of empty Poisson batches has none);
-- round numbers continue after a resume (``round_offset``) and a checkpoint is written after each aggregation.
+- round numbers continue after a resume (``round_offset``); a round is marked started before its training
+  instructions go out and a checkpoint is written after each aggregation (``server.checkpoints``).
 
 Before sampling, the strategy waits at most ``node_wait_timeout`` seconds for ``min_nodes`` connected nodes and
 then raises, where Flower would wait forever.
@@ -159,6 +160,8 @@ class MammoStrategyMixin:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._wait_for_nodes(grid, server_round + self.round_offset)
+        if self.checkpoints is not None:  # from here on hospitals may train (and spend budget on) this round
+            self.checkpoints.mark_started(server_round + self.round_offset)
         self._global = {k: v.numpy() for k, v in arrays.items()}
         messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
         self._sent["train"] = [m.metadata for m in messages]

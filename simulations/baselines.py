@@ -74,15 +74,17 @@ def test_entry(model: torch.nn.Module, test: Dataset) -> dict:
 def validation_entry(model: torch.nn.Module, vals: Sequence[Dataset], *,
                      score_histogram: bool = False) -> dict | None:
     """Validation over the hospitals' splits, aggregated as federated evaluation is (None: no validation data);
-    with `score_histogram`, as in the federation's last round (the operating point is chosen on it)."""
+    with `score_histogram`, as in the federation's last round (the operating point is chosen on it). Exact counts:
+    a baseline is the researcher's own computation on pooled data, not a release by a hospital."""
     from client.app import evaluation_reply_metrics
+    from client.node import exact_release
     from server.strategy import aggregate_evaluation
 
     records = []
     for val in vals:
         if len(val):
-            records.append(evaluation_reply_metrics(evaluate_local(model, val, device=default_device()),
-                                                    score_histogram=score_histogram))
+            outcome = evaluate_local(model, val, device=default_device())
+            records.append(evaluation_reply_metrics(exact_release(outcome, score_histogram=score_histogram)))
     if not records:
         return None
     return eval_entry(aggregate_evaluation(records))
@@ -141,7 +143,8 @@ def train_baseline(run_dir: RunDirectory, run: RunConfig, *, train: Dataset, val
         info={**info, "run_dir": str(run_dir.path), "round": run.num_server_rounds,
               "operating_point": point.to_json() if point is not None else None,
               "final": {k: v for k, v in final.items() if k != "score_histogram"},
-              "versions": run_dir.document["versions"]}))
+              "versions": run_dir.document["versions"]}),
+        sign=run_dir.bundle_signature(round=run.num_server_rounds))
     run_dir.finish(final)
     return final
 

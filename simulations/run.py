@@ -17,6 +17,11 @@ Modes (same virtual hospitals, same patient splits, same seed, same model, same 
   per-round mean over hospitals and, in ``final``, the mean of the hospitals' held-out test metrics (plus each
   hospital's own under ``final["per_hospital"]``).
 
+After training, the simulation audits the released model for membership inference and applies the release gate
+(run config ``sim-max-attack-advantage``; ``simulations.membership_audit``): ``metrics.json`` gets a
+``membership_inference`` section, and a model that fails the gate is moved to ``model.unreleased`` and the run
+raises ``ReleaseWithheld`` (a SimulationError) after its report is written.
+
 Every run directory also gets ``partitions.png`` (the split), ``simulation.json`` (preset, hospitals, mode, data
 and state folders, per-hospital counts: what ``--resume`` needs) and, in ``metrics.json``, a ``simulation``
 section (preset, ``num-hospitals``, mode; ``hospital`` in a local baseline's per-hospital directory). ``config``
@@ -137,10 +142,19 @@ def run_mode(request: SimulationRequest, *, live: bool = False) -> SimulationRes
     started = time.monotonic()
     runner = {"federated": run_federated, "centralised": run_centralised, "local": run_local}[request.mode]
     total = request.config.run.num_server_rounds
+    withheld = None
     with _live_display(request, total, enabled=live):  # the table stays below the gallery's and report's lines
         result = runner(request)
+        from simulations.membership_audit import ReleaseWithheld, audit_release
+
+        try:  # before the gallery: a withheld model is moved aside and gets none
+            audit_release(request.run, result, num_hospitals=request.config.num_hospitals)
+        except ReleaseWithheld as error:
+            withheld = error
         write_outputs(request.run, result)
-    result = replace(result, seconds=time.monotonic() - started)
+    if withheld is not None:
+        raise withheld
+    result = replace(result, seconds=time.monotonic() - started, document=load_metrics(result.run_dir))
     log.info("%s run completed in %.0f s: %s", request.mode, result.seconds, result.run_dir)
     return result
 
@@ -364,9 +378,11 @@ def simulation_section(request: SimulationRequest, *, hospital: int | None = Non
 
 
 def _create(path: Path, request: SimulationRequest, *, hospital: int | None = None) -> RunDirectory:
+    from server.signing_keys import run_signing
+
     run_dir = RunDirectory.create(path, config=request.run.to_flower())
     run_dir.document["simulation"] = simulation_section(request, hospital=hospital)
-    run_dir.flush()
+    run_dir.use_signing(run_signing(request.run, path))
     return run_dir
 
 

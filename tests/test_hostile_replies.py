@@ -24,6 +24,7 @@ from common.run_config import ConfigError, RunConfig
 from common.update_bound import dp_sgd_update_bound
 from server.checkpoints import CheckpointStore
 from server.strategy import TooFewReplies, build_strategy
+from signed_files import SIGNER, TRUSTED
 
 GLOBAL = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 NODES = (11, 12, 13)
@@ -140,7 +141,7 @@ def test_num_examples_must_be_a_positive_integer(n):
 
 
 def test_num_examples_is_fixed_by_the_first_reply_of_a_node_for_the_run(tmp_path):
-    store = CheckpointStore(tmp_path / "checkpoints")
+    store = CheckpointStore(tmp_path / "checkpoints", signer=SIGNER, trusted=TRUSTED)
     strategy = build_strategy(_loose(), checkpoints=store)
     ins = _instructions(strategy, rnd=1)
     strategy.aggregate_train(1, [_reply(ins[node], n=n) for node, n in ((11, 10), (12, 20), (13, 30))])
@@ -299,7 +300,7 @@ def test_a_spoofed_partition_id_does_not_touch_another_hospitals_record():
 
 
 def test_after_a_restart_a_simulated_hospital_with_a_new_node_id_keeps_its_record(tmp_path):
-    store = CheckpointStore(tmp_path / "checkpoints")
+    store = CheckpointStore(tmp_path / "checkpoints", signer=SIGNER, trusted=TRUSTED)
     strategy = build_strategy(_loose(), checkpoints=store)
     ins = _instructions(strategy)
     strategy.aggregate_train(1, [_reply(ins[n], eps=2.0 + i, n=10 + i, partition=i) for i, n in enumerate(NODES)])

@@ -23,6 +23,7 @@ from common.operating_point import ScoreHistogram, choose_operating_point, decid
 from common.operating_point import auc as histogram_auc
 from server.run_directory import eval_entry, final_from_federated, release_operating_point, with_operating_point
 from server.strategy import TooFewReplies, aggregate_evaluation, build_strategy
+from signed_files import SIGNER, TRUSTED
 
 GLOBAL = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 
@@ -177,7 +178,7 @@ def test_too_few_connected_nodes_fails_instead_of_waiting_forever():
 
 
 def test_checkpoint_written_each_round_and_resume_continues_numbering(tmp_path):
-    store = CheckpointStore(tmp_path / "checkpoints")
+    store = CheckpointStore(tmp_path / "checkpoints", signer=SIGNER, trusted=TRUSTED)
     strategy = build_strategy(_config(strategy="fedadam"), checkpoints=store)
     for rnd, value in ((1, 1.0), (2, 2.0)):
         ins = _instructions(strategy, rnd=rnd)
@@ -249,12 +250,12 @@ def test_final_metrics_from_federated_counts_match_the_pooled_definitions():
 
 def _eval_reply(instruction, *, labels, probs, histogram=None):
     from client.app import evaluation_reply_metrics
-    from client.node import EvaluationRelease
+    from client.node import exact_release
+    from common.evaluation import EvalOutcome
 
-    exact = classification_metrics(labels, probs)  # a node whose policy releases evaluations in clear
-    release = EvaluationRelease(num_examples=len(labels), confusion=np.asarray(exact["confusion_matrix"]), loss=0.5,
-                                metrics=exact, score_histogram=np.asarray(ScoreHistogram.of(labels, probs).flat()))
-    metrics = evaluation_reply_metrics(release)
+    outcome = EvalOutcome(num_examples=len(labels), loss=0.5, metrics=classification_metrics(labels, probs),
+                          score_histogram=ScoreHistogram.of(labels, probs))
+    metrics = evaluation_reply_metrics(exact_release(outcome, score_histogram=True))  # a node releasing in clear
     if histogram is not None:
         metrics[wire.SCORE_HISTOGRAM] = histogram
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=instruction)
