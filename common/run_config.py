@@ -34,6 +34,7 @@ from common.operating_point import RULES as OPERATING_POINT_RULES
 
 MODEL_KINDS = ("cnn", "effnet_head", "effnet_finetune")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+AGGREGATIONS = ("mean", "trimmed-mean", "median", "krum")
 PARTITION_SCHEMES = ("iid", "dirichlet", "tissue")
 POOLINGS = ("classwise", "abnormal")
 DP_MODES = ("auto", "local", "distributed")
@@ -72,8 +73,16 @@ class CoordinatorSettings:
     min_evaluate_replies: int = _opt(1, "evaluation replies a round needs, else the run fails", low=0)
     round_timeout: float = _opt(600.0, "seconds to wait for replies in each train/evaluate step",
                                 low=0.0, low_open=True)
-    max_update_norm: float = _opt(1000.0, "reject a reply whose L2 distance to the global model exceeds this "
-                                  "(0 = no bound)", low=0.0)
+    max_update_norm: float = _opt(0.0, "reject a reply whose L2 distance to the global model exceeds this (0 = "
+                                  "auto: what local DP-SGD can move, from lr, max-grad-norm, noise-multiplier, "
+                                  "local-epochs, batch-size and the reply's num-examples; no bound with dp off)",
+                                  low=0.0)
+    aggregation: str = _opt("mean", "how valid updates are combined: mean (example-weighted, FedAvg), "
+                            "trimmed-mean, median (per coordinate) or krum (the update closest to its "
+                            "neighbours); all but mean ignore num-examples; dp-mode distributed needs mean",
+                            choices=AGGREGATIONS)
+    byzantine_nodes: int = _opt(1, "robust aggregation: hostile hospitals to tolerate per round (trimmed-mean "
+                                "drops this many values at each end; krum's f)", low=0)
     seed: int = _opt(42, "seed for sampling, splits and partitions", low=0)
     operating_point: str = _opt("sensitivity", "how the released model's malignancy threshold is chosen on the "
                                 "hospitals' validation data: sensitivity (highest threshold reaching "
@@ -86,7 +95,8 @@ class CoordinatorSettings:
                                 "counts return")
     dp_mode: str = _opt("auto", "where DP noise is added: local (each hospital noises its own update), distributed "
                         "(each adds a share, only the SecAgg+ sum carries noise-multiplier; one step per round), "
-                        "auto (distributed when min-nodes >= 3 and strategy is fedavg)", choices=DP_MODES)
+                        "auto (distributed when min-nodes >= 3, strategy is fedavg and aggregation mean)",
+                        choices=DP_MODES)
     secagg_dropouts: int = _opt(1, "distributed mode: hospitals that may drop out of a round with the sum still "
                                 "revealed (SecAgg+ threshold = sampled - this, at least 2)", low=0)
     evaluate_every: int = _opt(1, "federated evaluation every this many rounds (and always after the last "
@@ -180,6 +190,15 @@ class RunConfig(CoordinatorSettings, TrainingSettings, SimulationSettings):
         if self.dp_mode == "distributed" and self.strategy != "fedavg":
             raise ConfigError(f"run config 'dp-mode' distributed trains by FedSGD over secure aggregation; "
                               f"'strategy' {self.strategy} is not available with it (use fedavg, or dp-mode local)")
+        if self.aggregation != "mean":
+            if self.dp_mode == "distributed":
+                raise ConfigError(f"run config 'aggregation' {self.aggregation}: dp-mode distributed reveals only "
+                                  f"the sum of the updates, so only mean is possible (use dp-mode local)")
+            needed = 2 * self.byzantine_nodes + (3 if self.aggregation == "krum" else 1)
+            if self.min_train_replies < needed:
+                raise ConfigError(f"run config 'aggregation' {self.aggregation} with 'byzantine-nodes' "
+                                  f"{self.byzantine_nodes} needs 'min-train-replies' >= {needed}, got "
+                                  f"{self.min_train_replies}")
         if self.fraction_evaluate == 0.0 and self.min_evaluate_replies > 0:
             raise ConfigError("run config 'min-evaluate-replies' must be 0 when 'fraction-evaluate' is 0")
 
@@ -251,11 +270,12 @@ class RunConfig(CoordinatorSettings, TrainingSettings, SimulationSettings):
 
     @property
     def distributed_dp(self) -> bool:
-        """Whether rounds use distributed noise over secure aggregation (``dp-mode``; auto: min-nodes >= 3)."""
+        """Whether rounds use distributed noise over secure aggregation (``dp-mode``; auto: min-nodes >= 3,
+        fedavg, mean aggregation)."""
         if not self.dp:
             return False
         return self.dp_mode == "distributed" or (self.dp_mode == "auto" and self.min_nodes >= 3
-                                                 and self.strategy == "fedavg")
+                                                 and self.strategy == "fedavg" and self.aggregation == "mean")
 
     def updated(self, **changes: Any) -> RunConfig:
         """A copy with some fields (python names) changed, validated again."""

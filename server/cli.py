@@ -16,7 +16,7 @@ from server import certs, signing_keys
 
 app = typer.Typer(
     name="mammofl-coordinator",
-    help="Coordinate a MammoFL federation: certificates, node keys, model signing keys.",
+    help="Coordinate a MammoFL federation: certificates, node keys, model signing keys, runs.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -26,7 +26,7 @@ _errors = Console(stderr=True, soft_wrap=True, highlight=False)
 
 @app.callback()
 def _main() -> None:
-    """Coordinate a MammoFL federation: certificates, node keys, model signing keys."""
+    """Coordinate a MammoFL federation: certificates, node keys, model signing keys, runs."""
 
 
 @app.command("certs")
@@ -134,3 +134,30 @@ def signing_key_rotate(
 
 if __name__ == "__main__":
     app()
+
+
+@app.command("run")
+def run_command(
+    app_dir: Annotated[Path, typer.Argument(help="the MammoFL app folder (with pyproject.toml)")],
+    connection: Annotated[str, typer.Argument(help="SuperLink connection name in $FLWR_HOME/config.toml")],
+    run_config: Annotated[list[str] | None, typer.Option(
+        "--run-config", help="run config overrides, as for flwr run (repeatable)")] = None,
+    federation_config: Annotated[list[str] | None, typer.Option(
+        "--federation-config", help="federation config overrides, as for flwr run (repeatable)")] = None,
+    wait: Annotated[float, typer.Option(help="seconds to wait for the final status after the logs end")] = 120.0,
+) -> None:
+    """Start a run, stream its logs, and exit with its outcome: 0 completed, 1 failed, 2 stopped, 3 unknown.
+
+    (`flwr run --stream` alone exits 0 even when the run failed.)"""
+    from server.flower_run import FlowerCliError, follow_run
+
+    try:
+        outcome = follow_run(app_dir, connection, run_config=run_config or (),
+                             federation_config=federation_config or (), wait_s=wait)
+    except FlowerCliError as error:
+        _errors.print(f"error: {escape(str(error))}")
+        raise typer.Exit(1) from None
+    status = outcome.status or "unknown"
+    line = f"run {outcome.run_id}: {status}" + (f": {outcome.details}" if outcome.exit_status else "")
+    (_errors if outcome.exit_status else _console).print(line, markup=False)
+    raise typer.Exit(outcome.exit_status)
