@@ -37,6 +37,7 @@ from common.node_policy import ACCOUNTANTS
 from common.private_counts import clip_pooled
 from common.run_config import RunConfig
 from server.checkpoints import Checkpoint, CheckpointStore
+from server.update_decoding import decode_reply_arrays
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,9 @@ class MammoStrategyMixin:
     def __init__(self, *, min_train_replies: int, min_evaluate_replies: int, max_update_norm: float = 0.0,
                  node_wait_timeout: float = 600.0, round_offset: int = 0,
                  checkpoints: CheckpointStore | None = None, final_round: int | None = None,
-                 evaluate_every: int = 1, **flower_kwargs):
+                 evaluate_every: int = 1, update_encoding: str = "float32", **flower_kwargs):
         super().__init__(**flower_kwargs)
+        self.update_encoding = update_encoding  # how train replies carry weights (decoded before the checks)
         self.final_round = final_round  # its evaluation also asks for score histograms (the operating point)
         self.evaluate_every = evaluate_every  # federated evaluation costs the hospitals budget: not every round
         self.min_train_replies = min_train_replies
@@ -191,7 +193,8 @@ class MammoStrategyMixin:
                 entry["refusals"] = entry.get("refusals", 0) + 1
                 report.count("refused", hospital, _refusal_reason(msg.content).removeprefix("refused: "))
                 continue
-            problem = self.validate_train_reply(msg.content)
+            problem = (decode_reply_arrays(msg.content, self._global, self.update_encoding)
+                       or self.validate_train_reply(msg.content))
             if problem:
                 report.count("rejected", hospital, problem)
                 continue
@@ -375,6 +378,7 @@ def build_strategy(config: RunConfig, *, checkpoints: CheckpointStore | None = N
         checkpoints=checkpoints,
         final_round=config.num_server_rounds,
         evaluate_every=config.evaluate_every,
+        update_encoding=config.update_encoding,
     )
     if config.distributed_dp:
         from server.secure_aggregation import SecureFedSGD, SecureRoundSettings
