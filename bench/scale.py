@@ -1,13 +1,16 @@
 """How many hospitals fit on one machine? Rounds per hour and peak memory of a federated simulation, by size.
 
 Each (hospitals, dp-mode) row is one fresh ``mammofl-sim``-equivalent federated run (``simulations.run``: Flower's
-Simulation Engine on Ray, the project's ServerApp and ClientApp) in its own process (``--one``), started from an
-empty state folder so every run pays the same first round. The parent process watches it:
+Simulation Engine on Ray, the project's ServerApp and ClientApp) in its own process (``--one``), from an empty state
+folder (ledgers, caches) or, with ``--cache-dir``, with every node's cache folder linked to one warm cache (the
+cost of filling caches is ``bench.data_path``'s; it does not grow with the number of hospitals, which only share
+the same 322 images). The parent process watches it:
 
 - **round times** from the run directory's ``metrics.json`` (``simulations.progress.RoundWatcher``, polled every
-  0.5 s): round 1 includes Ray's start-up, every hospital's preprocessing and frozen-feature extraction (cached on
-  its disk afterwards) and SecAgg+'s first key set-up; the steady round is the mean of rounds 2.. (rounds per
-  hour = 3600 / steady round);
+  0.5 s): round 1 includes Ray's start-up, the actors' imports, every hospital's first data loading (and, with
+  cold caches, preprocessing and frozen-feature extraction); the steady round is the mean of rounds 2.. (rounds
+  per hour = 3600 / steady round). With distributed noise every round runs the whole SecAgg+ protocol (fresh
+  keys and shares), so its cost is in every round;
 - **peak memory**: the largest sum, over the run's whole process tree (the driver, Ray's raylet, GCS, agents and
   the ClientApp actors), of each process's proportional set size (PSS: shared pages split between the processes
   that map them, so torch's libraries loaded by every actor count once), sampled every second with psutil.
@@ -46,8 +49,9 @@ SMALL_SITE_VAL_FRACTION = 0.5
 
 # ---------------------------------------------------------------- one run (child process)
 def run_one(*, hospitals: int, dp_mode: str, rounds: int, data_dir: Path, out: Path,
-            sets: tuple[str, ...] = ()) -> None:
-    """One federated run of the demo preset with `hospitals` hospitals (raises SimulationError if it fails)."""
+            sets: tuple[str, ...] = (), cache_dir: Path | None = None) -> None:
+    """One federated run of the demo preset with `hospitals` hospitals (raises SimulationError if it fails);
+    with `cache_dir`, every hospital's and the coordinator's cache folder is a link to it (warm caches)."""
     from simulations.hospitals import virtual_hospitals
     from simulations.presets import resolve
     from simulations.run import SimulationRequest, run_federated
@@ -64,6 +68,10 @@ def run_one(*, hospitals: int, dp_mode: str, rounds: int, data_dir: Path, out: P
     request = SimulationRequest(config=config, mode="federated", data_dir=data_dir, run_dir=out / "run",
                                 state_dir=out / "state")
     request.check()
+    if cache_dir is not None:
+        for name in ["coordinator", *(f"hospital-{k}" for k in range(hospitals))]:
+            (out / "state" / name).mkdir(parents=True, exist_ok=True)
+            (out / "state" / name / "cache").symlink_to(cache_dir.resolve(), target_is_directory=True)
     run_federated(request)
 
 
@@ -112,13 +120,14 @@ def tree_memory(pid: int) -> int:
 
 
 def measure(*, hospitals: int, dp_mode: str, rounds: int, data_dir: Path, workdir: Path, timeout: float,
-            sets: tuple[str, ...] = ()) -> dict:
+            sets: tuple[str, ...] = (), cache_dir: Path | None = None) -> dict:
     """Run one size in a child process; its round times, peak memory and outcome (with the error's last lines)."""
     from simulations.progress import RoundWatcher
 
     out = workdir / f"{hospitals}-{dp_mode}"
     command = [sys.executable, "-m", "bench.scale", "--one", str(hospitals), dp_mode, "--rounds", str(rounds),
-               "--data-dir", str(data_dir), "--workdir", str(out), *(a for s in sets for a in ("--set", s))]
+               "--data-dir", str(data_dir), "--workdir", str(out), *(a for s in sets for a in ("--set", s)),
+               *(["--cache-dir", str(cache_dir)] if cache_dir is not None else [])]
     seen: dict[int, float] = {}
     started = time.monotonic()
 
@@ -145,7 +154,7 @@ def measure(*, hospitals: int, dp_mode: str, rounds: int, data_dir: Path, workdi
         try:
             code = child.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, 9)
+            _kill_tree(child.pid)
             code = None
         stop.set()
         sampler.join()
@@ -160,6 +169,21 @@ def measure(*, hospitals: int, dp_mode: str, rounds: int, data_dir: Path, workdi
     if code != 0:
         row["error"] = log_path.read_text()[-2000:]
     return row
+
+
+def _kill_tree(pid: int) -> None:
+    """Kill a run and every process it started (Ray's actors leave its process group)."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in reversed(procs):
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def machine() -> str:
@@ -184,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="further run-config overrides of every run")
     parser.add_argument("--workdir", type=Path, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--cache-dir", type=Path,
+                        help="one preprocessing/feature cache (client.preprocess_cache, client.feature_cache "
+                             "layout) linked as every node's cache: round 1 then measures warm caches")
     parser.add_argument("--one", nargs=2, metavar=("HOSPITALS", "DP_MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--sharing-only", action="store_true",
                         help="only time SecAgg+'s secret sharing per round (seconds, no simulation)")
@@ -193,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.one:
         run_one(hospitals=int(args.one[0]), dp_mode=args.one[1], rounds=args.rounds, data_dir=args.data_dir,
-                out=args.workdir, sets=tuple(args.sets))
+                out=args.workdir, sets=tuple(args.sets), cache_dir=args.cache_dir)
         return
     with tempfile.TemporaryDirectory(prefix="mammofl-scale-") as tmp:
         workdir = args.workdir or Path(tmp)
@@ -205,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
         for dp_mode in args.dp_modes:
             for n in args.hospitals:
                 row = measure(hospitals=n, dp_mode=dp_mode, rounds=args.rounds, data_dir=args.data_dir,
-                              workdir=workdir, timeout=args.timeout, sets=tuple(args.sets))
+                              workdir=workdir, timeout=args.timeout, sets=tuple(args.sets),
+                              cache_dir=args.cache_dir)
                 rows.append(row)
                 outcome = "ok" if row["exit"] == 0 else f"FAILED ({row['exit']}) after {row['rounds_done']} rounds"
                 print(f"{n:>9} {dp_mode:<12} {_num(row['first_round_s']):>11} {_num(row['steady_round_s']):>10} "

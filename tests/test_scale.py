@@ -44,7 +44,7 @@ def test_a_hundred_hospital_federation_completes(mias_dir, tmp_path):
     """The cheapest real 100-hospital run: the smoke preset's small CNN on 64-px images, one round, local DP."""
     config = resolve("smoke", ["num-hospitals=100", "sim-max-patients=0", "sim-test-fraction=0.2",
                                "val-fraction=0.5", "min-evaluate-replies=29", "dp-mode=local", "explain-methods=",
-                               "batch-size=2"])
+                               "batch-size=2", "round-timeout=1800"])  # cold caches on a shared 2-core box
     request = SimulationRequest(config=config, mode="federated", data_dir=mias_dir, run_dir=tmp_path / "run")
     result = run_federated(request)
     [entry] = result.document["rounds"]

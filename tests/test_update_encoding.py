@@ -191,3 +191,36 @@ def test_the_coordinator_decodes_encoded_replies_before_checking_and_averaging(e
     np.testing.assert_allclose(arrays["b"].numpy(), reference["b"] + 0.5, atol=tolerance)
     assert arrays["w"].numpy().dtype == np.float32
     assert any(f"update-encoding {encoding}" in note for note in strategy.train_reports[1].notes)
+
+
+def test_the_node_reply_carries_the_encoded_update_and_its_size_shrinks():
+    from bench.bytes import reply_bytes
+    from client.app import _train_content
+    from client.node import TrainResult
+    from common import wire
+    from common.run_config import NodeConfig, RunConfig
+
+    reference, trained = _model(6)
+    result = TrainResult(weights=trained, num_examples=10, train_loss=0.5, epsilon=1.0, delta=1e-5,
+                         noise_multiplier=1.0, max_grad_norm=1.0, steps=1, dp=True, max_epsilon=10.0)
+    node = NodeConfig.from_flower({"data-dir": "/nonexistent", "state-dir": "/nonexistent"}, run=RunConfig())
+    content = _train_content(result, node, "int8", reference)
+    sent = {k: v.numpy() for k, v in content[wire.ARRAYS].items()}
+    assert sent["head.weight"].dtype == np.int8
+    np.testing.assert_array_equal(sent["head.weight"], encode_update(trained, reference, "int8")["head.weight"])
+    sizes = [reply_bytes(reference, e) for e in ("float32", "float16", "int8")]
+    assert sizes[0] > sizes[1] > sizes[2]
+    assert sizes[0] - sizes[1] >= 2 * (3 * 192 + 3)  # 2 bytes saved per float parameter, framing aside
+
+
+def test_the_fedsgd_bench_passes_updates_through_the_codec():
+    import torch
+
+    from bench.fedsgd import through_the_wire
+
+    start = {"w": torch.zeros(4)}
+    weights = {"w": torch.tensor([1.27, -1.27, 0.5, 0.004]), "n": torch.tensor(3)}
+    assert through_the_wire(weights, start, "float32") is weights
+    decoded = through_the_wire(weights, start, "int8")
+    np.testing.assert_allclose(decoded["w"].numpy(), [1.27, -1.27, 0.5, 0.0], atol=1e-6)
+    assert int(decoded["n"]) == 3
