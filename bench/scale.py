@@ -42,7 +42,7 @@ from pathlib import Path
 
 SHARED_MIAS = Path(__file__).resolve().parents[2] / "shared" / "data" / "mini-mias"
 HOSPITALS = (3, 10, 30, 100)
-DP_MODES = ("distributed", "local")
+DP_MODES = ("local", "distributed")
 #: val-fraction where the demo's 0.2 leaves some hospital without a validation split (100 hospitals).
 SMALL_SITE_VAL_FRACTION = 0.5
 
@@ -202,8 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("MINI_MIAS_DIR") or SHARED_MIAS))
     parser.add_argument("--hospitals", type=int, nargs="+", default=list(HOSPITALS))
     parser.add_argument("--dp-modes", nargs="+", default=list(DP_MODES), choices=DP_MODES)
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per run (the first is the cold one)")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before a run is stopped")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per run (the first is the cold one)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds before a run is stopped")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="further run-config overrides of every run")
     parser.add_argument("--workdir", type=Path, help="keep the runs here (default: a temporary folder)")

@@ -49,6 +49,9 @@ def test_a_hundred_hospital_federation_completes(mias_dir, tmp_path):
     result = run_federated(request)
     [entry] = result.document["rounds"]
     assert entry["round"] == 1
-    assert entry["train"]["replies-valid"] == 100
+    assert entry["replies"]["train"]["valid"] == 100
+    evaluation = entry["replies"]["evaluate"]
+    assert (evaluation["valid"], evaluation["rejected"]) == (29, 71)  # one-patient sites have nothing to validate
+    assert entry["federated_eval"]["num_examples"] == 29 * 2  # each two-patient site's validation patient: 2 views
     assert len(result.document["privacy"]) == 100
-    assert (tmp_path / "run" / "model.pt").is_file() or result.bundles[0].is_file()
+    assert result.bundles[0].is_file()
