@@ -203,7 +203,8 @@ def test_the_node_reply_carries_the_encoded_update_and_its_size_shrinks():
     reference, trained = _model(6)
     result = TrainResult(weights=trained, num_examples=10, train_loss=0.5, epsilon=1.0, delta=1e-5,
                          noise_multiplier=1.0, max_grad_norm=1.0, steps=1, dp=True, max_epsilon=10.0)
-    node = NodeConfig.from_flower({"data-dir": "/nonexistent", "state-dir": "/nonexistent"}, run=RunConfig())
+    node = NodeConfig.from_flower({"data-dir": "/nonexistent", "state-dir": "/nonexistent", "max-epsilon": 10.0},
+                                  run=RunConfig())
     content = _train_content(result, node, "int8", reference)
     sent = {k: v.numpy() for k, v in content[wire.ARRAYS].items()}
     assert sent["head.weight"].dtype == np.int8
