@@ -23,8 +23,8 @@ Partitions are the simulation's own (``common.partitioning``, iid by patient, ev
 patient). 100 hospitals share the 129 patients outside the test set: 71 get one patient, 29 get two. At the demo's
 val-fraction 0.2 none of them keeps a validation split (whole patients), so federated evaluation would get no
 usable reply; where that happens the run uses val-fraction 0.5 (the 29 two-patient sites validate on one patient
-and train on the other) and ``min-evaluate-replies`` = the hospitals with a validation split; the others answer
-evaluation with no examples, and the coordinator counts those replies as rejected.
+and train on the other) and ``min-evaluate-replies`` = the hospitals with a validation split; the others have
+nothing to evaluate on (with the node policy's noised evaluation they reply noised zero counts).
 """
 
 from __future__ import annotations

@@ -51,7 +51,9 @@ def test_a_hundred_hospital_federation_completes(mias_dir, tmp_path):
     assert entry["round"] == 1
     assert entry["replies"]["train"]["valid"] == 100
     evaluation = entry["replies"]["evaluate"]
-    assert (evaluation["valid"], evaluation["rejected"]) == (29, 71)  # one-patient sites have nothing to validate
-    assert entry["federated_eval"]["num_examples"] == 29 * 2  # each two-patient site's validation patient: 2 views
+    # Evaluation replies are noised counts (node policy), so which sites pass the positive-count check varies;
+    # every site answers, and enough of them (29 needed) pass for the round to complete.
+    assert evaluation["valid"] + evaluation["rejected"] == 100 and evaluation["failed"] == 0
+    assert evaluation["valid"] >= 29
     assert len(result.document["privacy"]) == 100
     assert result.bundles[0].is_file()
