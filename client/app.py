@@ -42,6 +42,7 @@ from common import wire
 from common.distributed_dp import SecureSumError, SecureSumRange
 from common.node_policy import ACCOUNTANTS
 from common.run_config import EXPLANATION_METHODS, ConfigError, NodeConfig, RunConfig
+from common.update_encoding import encode_update
 
 if TYPE_CHECKING:
     from client.node import TrainResult
@@ -135,7 +136,7 @@ def make_client_app(*, overrides: Mapping[str, Any] | None = None,
         if not result.refused:
             state[_TRAINED] = [*state[_TRAINED], server_round]
             context.state[_STATE] = state
-        return Message(_train_content(result, node), reply_to=msg)
+        return Message(_train_content(result, node, run.update_encoding, _weights(msg)), reply_to=msg)
 
     @client_app.evaluate()
     @_confined("evaluation")
@@ -284,12 +285,16 @@ def evaluation_reply_metrics(release) -> MetricRecord:
     return MetricRecord(metrics)
 
 
-def _train_content(result: TrainResult, node: NodeConfig) -> RecordDict:
+def _train_content(result: TrainResult, node: NodeConfig, encoding: str = "float32",
+                   global_weights: Mapping[str, np.ndarray] | None = None) -> RecordDict:
+    """The train reply: metrics, and the trained weights as run config ``update-encoding`` says (relative to the
+    round's `global_weights`; ``common.update_encoding``), or the refusal."""
     content = RecordDict({wire.METRICS: train_reply_metrics(result, node)})
     if result.refused:
         content[wire.REFUSAL] = ConfigRecord({wire.REASON: result.refusal})
     else:
-        content[wire.ARRAYS] = ArrayRecord({k: Array(np.asarray(v)) for k, v in result.weights.items()})
+        encoded = encode_update(result.weights, global_weights or {}, encoding)
+        content[wire.ARRAYS] = ArrayRecord({k: Array(np.asarray(v)) for k, v in encoded.items()})
     return content
 
 

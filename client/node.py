@@ -319,6 +319,11 @@ def evaluate_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str
     if objection:
         log.warning("round %d evaluation: %s", server_round, objection)
         return EvaluationRelease(num_examples=0, confusion=None, refusal=objection)
+    data = hospital_data(node, run)
+    if not len(data.val):
+        reason = "refused: this node has no validation images (val-fraction too small for its patients)"
+        log.warning("round %d evaluation: %s", server_round, reason)
+        return EvaluationRelease(num_examples=0, confusion=None, refusal=reason)
     delta = policy.accounting_delta(run.delta)
     ledger = PrivacyLedger(node.ledger_path, mechanism=policy.accountant)
     blocks = 2 if score_histogram else 1
@@ -327,7 +332,6 @@ def evaluate_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str
         if not spend.allowed:
             log.warning("round %d evaluation: %s", server_round, spend.reason)
             return EvaluationRelease(num_examples=0, confusion=None, refusal=spend.reason)
-    data = hospital_data(node, run)
     model = build_model(run.model_config())
     load_weights(model, global_weights, source=f"round {server_round} global model")
     outcome = evaluate_local(model, data.val, device=default_device())

@@ -38,6 +38,8 @@ AGGREGATIONS = ("mean", "trimmed-mean", "median", "krum")
 PARTITION_SCHEMES = ("iid", "dirichlet", "tissue")
 POOLINGS = ("classwise", "abnormal")
 DP_MODES = ("auto", "local", "distributed")
+#: ``common.update_encoding.ENCODINGS`` (a test keeps the two equal).
+UPDATE_ENCODINGS = ("float32", "float16", "int8")
 #: Explanation methods of ``common.explanations.METHODS`` (a test keeps the two equal; captum is not imported here).
 EXPLANATION_METHODS = ("cell_scores", "grad_cam", "integrated_gradients", "occlusion")
 
@@ -130,6 +132,9 @@ class TrainingSettings:
     batch_size: int = _opt(16, "expected batch size (Poisson sample rate = batch-size / train images)", low=1)
     val_fraction: float = _opt(0.2, "share of a hospital's patients kept for its validation split",
                                low=0.0, high=0.9)
+    update_encoding: str = _opt("float32", "how trained weights travel to the coordinator: float32 (the weights), "
+                                "float16 or int8 (the update, quantised; common.update_encoding); dp-mode local "
+                                "only", choices=UPDATE_ENCODINGS)
     # ------------------------------------------------------------ differential privacy
     dp: bool = _opt(True, "train with DP-SGD (Opacus); false = plain SGD, no privacy guarantee")
     noise_multiplier: float = _opt(1.0, "DP-SGD noise multiplier (sigma)", low=0.0, low_open=True)
@@ -199,6 +204,10 @@ class RunConfig(CoordinatorSettings, TrainingSettings, SimulationSettings):
                 raise ConfigError(f"run config 'aggregation' {self.aggregation} with 'byzantine-nodes' "
                                   f"{self.byzantine_nodes} needs 'min-train-replies' >= {needed}, got "
                                   f"{self.min_train_replies}")
+        if self.update_encoding != "float32" and self.distributed_dp:
+            raise ConfigError(f"run config 'update-encoding' {self.update_encoding} applies to dp-mode local only: "
+                              f"distributed noise travels as SecAgg+'s own quantised sum (set dp-mode local, or "
+                              f"update-encoding float32)")
         if self.fraction_evaluate == 0.0 and self.min_evaluate_replies > 0:
             raise ConfigError("run config 'min-evaluate-replies' must be 0 when 'fraction-evaluate' is 0")
 

@@ -54,6 +54,7 @@ from common.update_bound import dp_sgd_update_bound
 from server.checkpoints import Checkpoint, CheckpointStore
 from server.reply_checks import (MAX_NUM_EXAMPLES, NodeRecord, NodeRegistry, StepReplies, epsilon_problem,
                                  is_number, num_examples_problem)
+from server.update_decoding import decode_reply_arrays
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +132,11 @@ class MammoStrategyMixin:
                  local_round: LocalRound | None = None, dp_required: bool = True, aggregation: str = "mean",
                  byzantine_nodes: int = 1, node_wait_timeout: float = 600.0, round_offset: int = 0,
                  checkpoints: CheckpointStore | None = None, final_round: int | None = None,
-                 evaluate_every: int = 1, **flower_kwargs):
+                 evaluate_every: int = 1, update_encoding: str = "float32", **flower_kwargs):
         super().__init__(**flower_kwargs)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        self.update_encoding = update_encoding  # how train replies carry weights (decoded before the checks)
         self.final_round = final_round  # its evaluation also asks for score histograms (the operating point)
         self.evaluate_every = evaluate_every  # federated evaluation costs the hospitals budget: not every round
         self.min_train_replies = min_train_replies
@@ -243,7 +245,8 @@ class MammoStrategyMixin:
                 entry["refusals"] = entry.get("refusals", 0) + 1
                 report.count("refused", node.name, _refusal_reason(msg.content).removeprefix("refused: "))
                 continue
-            problem = self.validate_train_reply(msg.content, node)
+            problem = (decode_reply_arrays(msg.content, self._global, self.update_encoding)
+                       or self.validate_train_reply(msg.content, node))
             if problem:
                 report.count("rejected", node.name, problem)
                 continue
@@ -468,6 +471,7 @@ def build_strategy(config: RunConfig, *, checkpoints: CheckpointStore | None = N
         checkpoints=checkpoints,
         final_round=config.num_server_rounds,
         evaluate_every=config.evaluate_every,
+        update_encoding=config.update_encoding,
     )
     if config.distributed_dp:
         from server.secure_aggregation import SecureFedSGD, SecureRoundSettings

@@ -363,10 +363,22 @@ def _prepare(request: SimulationRequest) -> None:
         split = virtual_hospitals(request.data_dir, replace(request.config, run=request.run))
     except ValueError as error:
         raise ConfigError(f"cannot cut the data into {request.config.num_hospitals} hospitals: {error}") from None
+    _check_evaluation(request.run, split.with_validation(), request.config.num_hospitals)
     split.plot(request.run_dir / PARTITION_PLOT)
     side = {"preset": request.config.preset, NUM_HOSPITALS: request.config.num_hospitals, "mode": request.mode,
             "data-dir": str(request.data_dir), "state-dir": str(request.state_dir), "partitions": split.summary()}
     (request.run_dir / SIMULATION_FILE).write_text(json.dumps(side, indent=2) + "\n")
+
+
+def _check_evaluation(run: RunConfig, with_validation: int, hospitals: int) -> None:
+    """Refuse, before any work, a federated evaluation that cannot get the replies it requires: hospitals of one
+    or two patients (e.g. 100 hospitals cut from mini-MIAS's 161 patients) may have no validation split."""
+    if run.fraction_evaluate > 0 and run.min_evaluate_replies > with_validation:
+        raise ConfigError(
+            f"only {with_validation} of {hospitals} hospitals get a validation split at val-fraction "
+            f"{run.val_fraction:g} (the others have too few patients), but 'min-evaluate-replies' is "
+            f"{run.min_evaluate_replies}: set min-evaluate-replies <= {with_validation} (a larger val-fraction, "
+            f"e.g. 0.5, gives more hospitals one), or fraction-evaluate 0")
 
 
 def simulation_section(request: SimulationRequest, *, hospital: int | None = None) -> dict[str, Any]:
