@@ -98,6 +98,7 @@ def local_train_config(run: RunConfig, *, server_round: int, proximal_mu: float 
         cell_loss_weight=run.cell_loss_weight,
         seed=None if run.dp else run.seed * 1000 + server_round,
         dp=DPConfig(enabled=run.dp, noise_multiplier=run.noise_multiplier, max_grad_norm=run.max_grad_norm,
+                    grad_sample_mode=run.resolved_grad_sample_mode,
                     delta=run.delta if policy is None else policy.accounting_delta(run.delta),
                     **({} if policy is None else {"accountant": policy.accountant})),
     )

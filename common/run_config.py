@@ -38,6 +38,10 @@ AGGREGATIONS = ("mean", "trimmed-mean", "median", "krum")
 PARTITION_SCHEMES = ("iid", "dirichlet", "tissue")
 POOLINGS = ("classwise", "abnormal")
 DP_MODES = ("auto", "local", "distributed")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
+#: Opacus' per-sample gradient mode per model kind, chosen from ``bench.grad_sample_modes`` (README, Performance):
+#: the fastest mode per step against DP off on this project's models.
+DEFAULT_GRAD_SAMPLE_MODE = {"cnn": "ew", "effnet_head": "hooks", "effnet_finetune": "hooks"}
 #: ``common.update_encoding.ENCODINGS`` (a test keeps the two equal).
 UPDATE_ENCODINGS = ("float32", "float16", "int8")
 #: Explanation methods of ``common.explanations.METHODS`` (a test keeps the two equal; captum is not imported here).
@@ -136,6 +140,9 @@ class TrainingSettings:
                                 "float16 or int8 (the update, quantised; common.update_encoding); dp-mode local "
                                 "only", choices=UPDATE_ENCODINGS)
     # ------------------------------------------------------------ differential privacy
+    grad_sample_mode: str = _opt("auto", "how Opacus computes per-sample gradients: hooks, functorch, ew, ghost, "
+                                 "or auto (the measured fastest per model: cnn ew, the others hooks)",
+                                 choices=GRAD_SAMPLE_MODES)
     dp: bool = _opt(True, "train with DP-SGD (Opacus); false = plain SGD, no privacy guarantee")
     noise_multiplier: float = _opt(1.0, "DP-SGD noise multiplier (sigma)", low=0.0, low_open=True)
     max_grad_norm: float = _opt(1.0, "DP-SGD per-sample clipping norm", low=0.0, low_open=True)
@@ -271,6 +278,11 @@ class RunConfig(CoordinatorSettings, TrainingSettings, SimulationSettings):
         return ModelConfig(kind=self.model, image_size=self.image_size, top_k=self.top_k, pooling=self.pooling,
                            feature_layer=self.feature_layer, input_norm=self.input_norm,
                            finetune_from=self.finetune_from, head_hidden=self.head_hidden)
+
+    @property
+    def resolved_grad_sample_mode(self) -> str:
+        """`grad-sample-mode`, with auto resolved for this run's model kind."""
+        return DEFAULT_GRAD_SAMPLE_MODE[self.model] if self.grad_sample_mode == "auto" else self.grad_sample_mode
 
     @property
     def explain_method_names(self) -> tuple[str, ...]:

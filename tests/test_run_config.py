@@ -135,3 +135,15 @@ def test_distributed_noise_mode_and_the_node_s_policy_for_it(tmp_path):
         NodeConfig.from_flower({**own, "budget-on-aggregate": 1}, run=run)
     with pytest.raises(ConfigError, match="node config 'secagg-max-dropouts' must be >= 0"):
         NodeConfig.from_flower({**own, "secagg-max-dropouts": -1}, run=run)
+
+
+def test_grad_sample_mode_auto_is_the_measured_choice_per_model():
+    from common.training_config import GRAD_SAMPLE_MODES
+
+    assert set(RunConfig.__dataclass_fields__["grad_sample_mode"].metadata["choices"]) == {"auto", *GRAD_SAMPLE_MODES}
+    assert [RunConfig(model=m).resolved_grad_sample_mode for m in ("cnn", "effnet_head", "effnet_finetune")] == \
+        ["ew", "hooks", "hooks"]
+    assert RunConfig(model="cnn", grad_sample_mode="hooks").resolved_grad_sample_mode == "hooks"
+    from client.node import local_train_config
+
+    assert local_train_config(RunConfig(model="cnn"), server_round=1).dp.grad_sample_mode == "ew"
