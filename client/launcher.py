@@ -7,8 +7,9 @@ launcher instead loops, in one process with torch, Opacus and the node's data al
 
 1. acquire the next ClientApp task from the SuperNode (``AcquireTask``, signed with the SuperExec secret that the
    SuperNode was started with, so no other local process can take the node's tasks);
-2. with the task's token, pull the message, context, run and FAB, as ``flwr-clientapp`` does (Flower's own
-   ``pull_task_input``), and keep the task alive with Flower's task heartbeat while it runs;
+2. with the task's token, pull the message, context, run and FAB with the calls ``flwr-clientapp`` makes
+   (Flower's ``pull_task_input``, polling the SuperNode's store faster while the message is still arriving),
+   and keep the task alive with Flower's task heartbeat while it runs;
 3. check the FAB against the hospital's allow-list (:mod:`client.app_approval`): an app the hospital did not
    approve gets an error reply naming the refusal, nothing else runs (no training, no budget spent) and the
    refusal is logged; an approved app runs as the hospital's OWN installed ``client.app:app``: never the code in
@@ -47,7 +48,18 @@ from flwr.supercore.interceptors import (
 )
 from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+from flwr.proto.node_pb2 import Node
+from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+from flwr.supercore.fab import Fab
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_and_inflate_object_from_tree
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from client.app_approval import AllowList
 
@@ -64,9 +76,11 @@ _COMPONENT = "flwr-clientapp"  # what the SuperNode's version check expects from
 
 @dataclass(frozen=True)
 class MessageTimings:
-    """One message at the node, in seconds: ``total`` runs from the task's creation at the SuperNode (the message
-    is in) to its output pushed back (the reply is ready to leave); ``overhead`` is all of it but the app's own
-    work (``handle``)."""
+    """One message at the node, in seconds: ``total`` runs from the task's creation at the SuperNode (which
+    happens as the message starts to arrive) to its output pushed back (the reply is ready to leave).
+    ``overhead`` is the node's per-message cost: all of it but the app's own work (``handle``) and the wait for
+    the message itself to arrive (``arrival``: network and SuperLink time, which a fresh ``flwr-clientapp`` pays
+    too, hidden behind its imports)."""
 
     run_id: int
     message_type: str
@@ -74,6 +88,7 @@ class MessageTimings:
     status: str
     acquired_at: float  # wall clock (time.time) when the token was acquired
     queued: float  # from the task's creation at the SuperNode to its acquisition here
+    arrival: float  # part of `pull`: the message still arriving at the SuperNode (its download from the SuperLink)
     pull: float
     check: float
     handle: float
@@ -82,7 +97,7 @@ class MessageTimings:
 
     @property
     def overhead(self) -> float:
-        return self.total - self.handle
+        return self.total - self.handle - self.arrival
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "overhead": round(self.overhead, 4)})
@@ -158,8 +173,9 @@ class Launcher:
         sub_status, details = SubStatus.FAILED, "the hospital's launcher failed before running the app"
         approved = False
         marks = {"pulled": start, "checked": start, "handled": start}
+        arrival = 0.0
         try:
-            message, context, run, fab = pull_task_input(client)
+            message, context, run, fab, arrival = _pull_task_input(client)
             marks["pulled"] = marks["checked"] = marks["handled"] = time.monotonic()
             refusal = self.allowed.refusal(declared_hash=fab.hash_str, fab_bytes=fab.content)
             marks["checked"] = marks["handled"] = time.monotonic()
@@ -186,14 +202,15 @@ class Launcher:
             except Exception:  # noqa: BLE001 - the SuperNode's expiry handling answers for this task
                 log.exception("failed to push the reply")
             push_task_output(client=client, context=context, sub_status=sub_status, details=details)
-            heartbeat.stop()
+            if heartbeat.is_running:
+                heartbeat.stop()
             client.close()
         if message is None or context is None:
             return None
         end = time.monotonic()
         timings = MessageTimings(
             run_id=int(context.run_id), message_type=str(message.metadata.message_type), approved=approved,
-            status=sub_status, acquired_at=acquired_at, queued=queued, pull=marks["pulled"] - start,
+            status=sub_status, acquired_at=acquired_at, queued=queued, arrival=arrival, pull=marks["pulled"] - start,
             check=marks["checked"] - marks["pulled"], handle=marks["handled"] - marks["checked"],
             push=end - marks["handled"], total=queued + end - start)
         with open(self.log_dir / TIMINGS_FILE, "a", encoding="utf-8") as handle:
@@ -208,6 +225,48 @@ class Launcher:
                  "declared_hash": declared_hash, "reason": reason}
         with open(self.log_dir / REFUSALS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry) + "\n")
+
+
+# The SuperNode queues the task before it has downloaded the message's objects from the SuperLink; Flower's
+# object pull then backs off 1, 2, 4, 8 s. A fresh flwr-clientapp rarely notices (it spends seconds importing
+# first); a warm launcher asks at once, so it polls the SuperNode's own loopback store more often instead.
+_PULL_BACKOFF = 0.05
+_PULL_BACKOFF_CAP = 0.5
+
+
+def _pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab, float]:
+    """Flower's ``run_clientapp.pull_task_input`` (same calls, same order), with a short object-pull backoff.
+    Also returns how long the message was still arriving at the SuperNode (until its last "object unavailable"
+    answer): the SuperNode's download from the SuperLink, not this node's work."""
+    start = time.monotonic()
+    response = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = response.task_id
+    TaskIdentity.run_id = response.run.run_id
+    TaskIdentity.node_id = response.context.node_id
+    context = context_from_proto(response.context)
+    run = run_from_proto(response.run)
+    fab = fab_from_proto(response.fab)
+    messages = client.PullMessages(PullAppMessagesRequest())
+    if not messages.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node = Node(node_id=context.node_id)
+    tree = messages.message_object_trees[0]
+    pull_object = make_pull_object_fn_protobuf(client.PullObject, node, context.run_id)
+    arriving = [start]
+
+    def pull_arrived_object(object_id: str) -> bytes:
+        try:
+            return pull_object(object_id)
+        except ObjectUnavailableError:
+            arriving[0] = max(arriving[0], time.monotonic())
+            raise
+
+    message = pull_and_inflate_object_from_tree(
+        tree, pull_arrived_object,
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, initial_backoff=_PULL_BACKOFF, backoff_cap=_PULL_BACKOFF_CAP)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message does not carry its own id
+    return message, context, run, fab, arriving[0] - start
 
 
 def _retry_invoker(*, max_tries: int | None = None, max_time: float | None = None) -> RetryInvoker:

@@ -256,3 +256,17 @@ def test_a_modified_app_is_refused_by_hash(tmp_path, mias_dir):
     finally:
         survivors = procs.stop_all()
         assert not survivors, f"processes left running: {survivors}"
+
+
+def test_message_timings_count_the_wait_at_the_supernode():
+    from flwr.supercore.date import now
+
+    from client.launcher import MessageTimings, _seconds_since
+
+    created = now()  # how the SuperNode stamps a task (`pending_at`)
+    assert _seconds_since(created.isoformat(), created.timestamp() + 1.5) == pytest.approx(1.5)
+    assert _seconds_since("", created.timestamp()) == 0.0
+    timings = MessageTimings(run_id=7, message_type="train", approved=True, status="completed", acquired_at=0.0,
+                             queued=0.25, arrival=0.3, pull=0.5, check=0.01, handle=2.0, push=0.24, total=3.0)
+    assert timings.overhead == pytest.approx(0.7)
+    assert json.loads(timings.to_json())["overhead"] == 0.7
