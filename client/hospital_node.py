@@ -19,6 +19,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +144,20 @@ def run_node(options: NodeOptions) -> int:
     _write_secret(secret_file)
     supernode = subprocess.Popen(supernode_command(options, secret_file=secret_file), stdin=subprocess.DEVNULL)
     try:
-        launcher_app = _warm_up(log_dir)  # while the SuperNode connects
+        # imports while the SuperNode connects; a SuperNode refused meanwhile (e.g. an unregistered key) ends the
+        # node at once
+        warm: dict = {}
+        importer = threading.Thread(target=lambda: warm.update(app=_warm_up(log_dir)), daemon=True)
+        importer.start()
+        while importer.is_alive():
+            if supernode.poll() is not None:
+                log.error("the SuperNode exited with code %s", supernode.returncode)
+                return supernode.returncode
+            importer.join(0.2)
+        if "app" not in warm:
+            log.error("the hospital ClientApp could not be loaded")
+            return 1
+        launcher_app = warm["app"]
         deadline = time.monotonic() + _START_TIMEOUT
         while not _port_open(options.runtime_port):
             if supernode.poll() is not None:
