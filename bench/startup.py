@@ -221,7 +221,7 @@ def _fresh_process_phases(hospital: Path, state: Path, repeats: int) -> dict:
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})},
                                 check=True)
-        return time.monotonic() - start, result.stdout
+        return time.monotonic() - start, result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
 
     fab = state / "app.fab"
     fab.write_bytes(build_fab_from_disk(REPO))
@@ -271,7 +271,7 @@ def measure(mias_dir: Path, *, rounds: int, patients: int, repeats: int) -> dict
             "per_message_wall_s": round(before_wall, 3),
             "per_message_overhead_s": round(before_wall - compute, 3),
             "split_s": {**{k: round(v, 3) for k, v in phases.items()}, "compute": round(compute, 3)},
-            "messages": before["messages"], "run_s": round(before["run_s"], 1),
+            "clientapp_processes": before["messages"], "run_s": round(before["run_s"], 1),
         },
         "after": {
             "per_message_wall_s": round(median(e["total"] for e in after["served"]), 3),
@@ -280,7 +280,8 @@ def measure(mias_dir: Path, *, rounds: int, patients: int, repeats: int) -> dict
             "split_s": {"process_start": 0.0, "imports": 0.0, "fab_install": 0.0,
                         "data_model_load_first_message": round(handles[0] - compute, 3) if handles else None,
                         "queued": round(median(e["queued"] for e in after["served"]), 3),
-                        "pull_check_push": round(median(e["pull"] + e["check"] + e["push"]
+                        "message_arrival": round(median(e["arrival"] for e in after["served"]), 3),
+                        "pull_check_push": round(median(e["pull"] - e["arrival"] + e["check"] + e["push"]
                                                         for e in after["served"]), 3),
                         "compute": round(compute, 3)},
             "launcher_start_once_s": {"imports": after["launcher_imports_s"]},
