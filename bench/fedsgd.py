@@ -37,6 +37,8 @@ Two engines compute the same thing:
   end from the same accountant history.
 
 A hospital's round seed is `round_seed(seed, round, hospital)`; `torch.set_num_threads` is the caller's business.
+``update_encoding`` passes each hospital's new weights through ``common.update_encoding`` (encoded against the
+round's global weights, decoded) before the mean, as a ``dp-mode`` local federation with that run config does.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from common.aggregation import weighted_average
 from common.models import CellDataset
 from common.models.loss import lesion_aware_loss
 from common.privacy import PrivacyAccountant
+from common.update_encoding import decode_update, encode_update
 
 ENGINES = ("fast", "train_local")
 
@@ -74,6 +77,7 @@ class FedSGDConfig:
     cell_loss_weight: float = 1.0
     delta: float = 1e-5
     accountant: str = "rdp"
+    update_encoding: str = "float32"  # how each hospital's update travels (common.update_encoding)
 
     @property
     def sample_rate(self) -> float:
@@ -137,7 +141,7 @@ def _train_local_rounds(model: nn.Module, data: CellDataset, sites: list[list[in
                                                                       round_seed(seed, round_number, k)),
                                   accountant_state=states[k], device="cpu")
             states[k], epsilons[k] = outcome.accountant_state, outcome.epsilon
-            updates.append((outcome.weights, 1))
+            updates.append((through_the_wire(outcome.weights, model.state_dict(), config.update_encoding), 1))
         model.load_state_dict(weighted_average(updates), strict=False)
     return FedSGDOutcome([dict(s) for s in states], epsilons)
 
@@ -174,7 +178,8 @@ def _fast_rounds(model: nn.Module, data: CellDataset, sites: list[list[int]], co
                     grad = grad_sum + torch.normal(mean=0, std=std, size=p.shape, generator=noise, dtype=p.dtype)
                     grad = grad / expected[k]
                     weights[name] = start[name] - config.learning_rate * grad
-                updates.append(({key: value.detach().clone() for key, value in weights.items()}, 1))
+                weights = {key: value.detach().clone() for key, value in weights.items()}
+                updates.append((through_the_wire(weights, start, config.update_encoding), 1))
             with torch.no_grad():
                 model.load_state_dict(weighted_average(updates), strict=False)
     finally:
@@ -187,6 +192,19 @@ def _fast_rounds(model: nn.Module, data: CellDataset, sites: list[list[int]], co
     accountant.step(noise_multiplier=config.noise_multiplier, sample_rate=rate, steps=config.rounds)
     epsilon = constant_epsilon(config.accountant, config.noise_multiplier, rate, config.rounds, config.delta)
     return FedSGDOutcome([accountant.state_dict() for _ in sites], [epsilon] * len(sites))
+
+
+def through_the_wire(weights: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
+                     encoding: str) -> dict[str, torch.Tensor]:
+    """A hospital's weights as the coordinator decodes them under run config ``update-encoding``: the floating
+    weights that changed this round (keys of `start`) encoded against `start` and decoded; float32 is the identity."""
+    if encoding == "float32":
+        return weights
+    keys = [k for k in start if k in weights and weights[k].is_floating_point()]
+    reference = {k: start[k].detach().cpu().numpy() for k in keys}
+    sent = encode_update({k: weights[k].detach().cpu().numpy() for k in keys}, reference, encoding)
+    decoded = decode_update(sent, reference, encoding)
+    return {**weights, **{k: torch.from_numpy(decoded[k]) for k in keys}}
 
 
 @functools.lru_cache(maxsize=64)

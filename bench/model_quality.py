@@ -76,7 +76,7 @@ from common.models import CellDataset, ModelConfig, build_dataset, build_model
 from common.partitioning import partition_patients
 from common.preprocessing import PreprocessConfig
 from common.records import CLASS_NAMES
-from common.run_config import ConfigError
+from common.run_config import UPDATE_ENCODINGS, ConfigError
 from common.splits import kfold_patients
 from simulations.presets import resolve
 
@@ -112,13 +112,15 @@ class Row:
     hospitals: int = 0
     epsilon: float | None = None
     cell_loss_weight: float = 1.0
+    update_encoding: str = "float32"  # federated rows: how each hospital's update travels
 
     @property
     def name(self) -> str:
         where = f" x{self.hospitals}" if self.hospitals else ""
         weight = f", cell weight {self.cell_loss_weight:g}" if self.mode not in ("logreg",) else ""
         eps = f", eps {self.epsilon:g}" if self.epsilon is not None else ""
-        return f"{MODE_NAMES[self.mode]}{where}{eps}{weight}"
+        encoding = f", {self.update_encoding} updates" if self.update_encoding != "float32" else ""
+        return f"{MODE_NAMES[self.mode]}{where}{eps}{weight}{encoding}"
 
 
 def fold_seed(seed: int, fold: int) -> int:
@@ -214,6 +216,15 @@ def federated_scores(row: Row, schedule: Schedule, sigma: float, model_config: M
                      prepared: Sequence[PreparedImage], train_idx: list[int], test_idx: list[int], seed: int,
                      engine: str) -> tuple[np.ndarray, float]:
     """FedSGD over `row.hospitals` IID hospitals; returns the epsilon of one hospital's own noise share."""
+    model, epsilon = train_federated(row, schedule, sigma, model_config, data, prepared, train_idx, seed, engine)
+    return _malignancy(model, data, test_idx), epsilon
+
+
+def train_federated(row: Row, schedule: Schedule, sigma: float | None, model_config: ModelConfig,
+                    data: CellDataset, prepared: Sequence[PreparedImage], train_idx: list[int], seed: int,
+                    engine: str = "fast") -> tuple[torch.nn.Module, float | None]:
+    """The federated row's model of one fold (FedSGD over `row.hospitals` IID hospitals cut from `train_idx`;
+    DP off when `sigma` is None) and the epsilon of one hospital's own noise share."""
     sites = hospitals_for(prepared, train_idx, hospitals=row.hospitals, seed=seed)
     torch.manual_seed(seed)
     model = build_model(model_config)
@@ -222,9 +233,10 @@ def federated_scores(row: Row, schedule: Schedule, sigma: float, model_config: M
                           learning_rate=schedule.learning_rate,
                           noise_multiplier=site_noise(row, sigma) if private else 0.0,
                           max_grad_norm=schedule.max_grad_norm if private else math.inf,
-                          cell_loss_weight=row.cell_loss_weight, delta=DELTA, accountant=ACCOUNTANT)
+                          cell_loss_weight=row.cell_loss_weight, delta=DELTA, accountant=ACCOUNTANT,
+                          update_encoding=row.update_encoding)
     outcome = fedsgd(model, data, sites, config=config, seed=seed, engine=engine)
-    return _malignancy(model, data, test_idx), max(outcome.epsilons) if private else None
+    return model, max(outcome.epsilons) if private else None
 
 
 def isolated_scores(row: Row, schedule: Schedule, sigma: float | None, model_config: ModelConfig,
@@ -302,7 +314,8 @@ def rows_for(args: argparse.Namespace) -> list[Row]:
         for eps in args.epsilons:
             out.append(Row("centralised", epsilon=eps, cell_loss_weight=weight))
             for n in args.hospitals:
-                out += [Row("distributed", n, eps, weight), Row("local", n, eps, weight)]
+                out += [Row("distributed", n, eps, weight)]
+                out += [Row("local", n, eps, weight, encoding) for encoding in args.update_encoding]
             out += [Row("isolated", n, eps, weight) for n in args.isolated]
         out += [Row("fednodp", n, cell_loss_weight=weight) for n in args.isolated]
         out += [Row("isolated", n, cell_loss_weight=weight) for n in args.isolated]
@@ -338,7 +351,7 @@ def row_order(result: dict) -> tuple:
     distributed, local, each hospital alone."""
     reference = 0 if result["mode"] == "logreg" else 1 if result["epsilon"] is None else 2
     return (reference, result["cell_loss_weight"], result["epsilon"] or 0.0, result["hospitals"],
-            MODES.index(result["mode"]))
+            MODES.index(result["mode"]), UPDATE_ENCODINGS.index(result.get("update_encoding", "float32")))
 
 
 def plot(results: Sequence[dict], path: Path) -> None:
@@ -350,7 +363,7 @@ def plot(results: Sequence[dict], path: Path) -> None:
     weights = sorted({r["cell_loss_weight"] for r in results if r["epsilon"] is not None})
     lines: dict[tuple, list[dict]] = {}
     for r in results:
-        if r["epsilon"] is not None:
+        if r["epsilon"] is not None and r.get("update_encoding", "float32") == "float32":
             lines.setdefault((r["mode"], r["hospitals"], r["cell_loss_weight"]), []).append(r)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     colours = {0: "black", 3: "tab:blue", 6: "tab:orange", 10: "tab:green"}
@@ -430,6 +443,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override the demo preset's model, e.g. --set top-k=4")
     parser.add_argument("--only", nargs="+", choices=MODES, help="run only these rows")
+    parser.add_argument("--update-encoding", nargs="+", choices=UPDATE_ENCODINGS, default=["float32"],
+                        help="local-noise rows: one row per encoding of the hospitals' updates "
+                             "(common.update_encoding; distributed noise travels as SecAgg+'s own sum)")
     parser.add_argument("--tabulate", type=Path, nargs="+", metavar="JSON",
                         help="train nothing: print the table (and with --out, the plot) of the rows of these "
                              "model_quality.json files with one of the --cell-loss-weight values (a row run "

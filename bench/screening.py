@@ -23,11 +23,13 @@ from common.bundle import BundleMeta, save_bundle
 from common.inference import Predictor
 from common.models import build_model
 from common.operating_point import OperatingPoint
+from common.signing import Signer, TrustedKeys, config_hash, generate_key
 from common.weights import exchanged_weights
 from simulations.presets import resolve
 
 SHARED_DATA = Path(os.environ.get("MAMMOFL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 DICOM_MAMMOGRAMS = ("MG1_J2KI", "MG1_JPLY", "1-281.dcm", "1-282.dcm")
+BENCH_KEY = generate_key()  # signs the benchmark's untrained bundle; screening verifies it as a hospital would
 
 
 def demo_bundle(path: Path) -> Path:
@@ -36,7 +38,9 @@ def demo_bundle(path: Path) -> Path:
     point = OperatingPoint(threshold=0.3, rule="sensitivity", target=0.9, sensitivity=None, specificity=None,
                            source="benchmark")
     meta = BundleMeta(run.model_config(), run.preprocess_config(), info={"operating_point": point.to_json()})
-    return save_bundle(path, exchanged_weights(build_model(run.model_config())), meta)
+    signer = Signer(key=BENCH_KEY, config_hash=config_hash(run.to_flower()))
+    return save_bundle(path, exchanged_weights(build_model(run.model_config())), meta,
+                       sign=signer.for_file(kind="bundle", round=0, epsilon={}))
 
 
 def measure(predictor: Predictor, files: list[Path], out: Path, *, heatmaps: bool, batch_size: int) -> dict:
@@ -61,7 +65,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sets["DICOM mammograms ~4700x2800"] = [args.dicom_dir / name for name in DICOM_MAMMOGRAMS]
     results = []
     with tempfile.TemporaryDirectory(prefix="mammofl-bench-screen-") as tmp:
-        predictor = Predictor.from_bundle(demo_bundle(Path(tmp) / "demo.mammofl"))
+        predictor = Predictor.from_bundle(demo_bundle(Path(tmp) / "demo.mammofl"),
+                                          trusted=TrustedKeys([BENCH_KEY.public_key()], source="benchmark key"))
         for name, files in sets.items():
             if not files or not all(f.is_file() for f in files):
                 print(f"# screening {name}: skipped, files not found")

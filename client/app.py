@@ -37,9 +37,12 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Stage
 
 from client.console import quiet_known_notices
+from client.readers.base import is_decoder_panic
 from common import wire
 from common.distributed_dp import SecureSumError, SecureSumRange
+from common.node_policy import ACCOUNTANTS
 from common.run_config import EXPLANATION_METHODS, ConfigError, NodeConfig, RunConfig
+from common.update_encoding import encode_update
 
 if TYPE_CHECKING:
     from client.node import TrainResult
@@ -56,6 +59,7 @@ quiet_known_notices()  # Flower's and Opacus' known console notices, in every pr
 
 _STATE = "mammofl-node"  # ConfigRecord in context.state
 _TRAINED = "trained-rounds"
+_EVALUATED = "evaluations"  # how many evaluations this node released in this run (its policy caps it)
 
 
 class NodeFailure(RuntimeError):
@@ -91,6 +95,11 @@ def _confined(stage: str) -> Callable:
                 log.exception("%s failed", stage)
                 raise NodeFailure(f"{type(error).__name__} during {stage}; the details are in the hospital's "
                                   f"own log") from None
+            except BaseException as error:
+                if not is_decoder_panic(error):
+                    raise  # KeyboardInterrupt, SystemExit
+                log.exception("%s failed: a decoder panicked", stage)
+                raise NodeFailure(f"PanicException during {stage}; the details are in the hospital's own log") from None
         return wrapped
     return decorate
 
@@ -122,11 +131,12 @@ def make_client_app(*, overrides: Mapping[str, Any] | None = None,
         server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
         result = train_round(run=run, node=node, global_weights=_weights(msg), server_round=server_round,
                              proximal_mu=float(msg.content[wire.CONFIG].get(wire.PROXIMAL_MU, 0.0)),
-                             trained_rounds=frozenset(state[_TRAINED]), run_id=str(context.run_id))
+                             trained_rounds=frozenset(state[_TRAINED]), run_id=str(context.run_id),
+                             run_key=str(msg.content[wire.CONFIG].get(wire.RUN_KEY, "")) or None)
         if not result.refused:
             state[_TRAINED] = [*state[_TRAINED], server_round]
             context.state[_STATE] = state
-        return Message(_train_content(result, node), reply_to=msg)
+        return Message(_train_content(result, node, run.update_encoding, _weights(msg)), reply_to=msg)
 
     @client_app.evaluate()
     @_confined("evaluation")
@@ -138,17 +148,24 @@ def make_client_app(*, overrides: Mapping[str, Any] | None = None,
         torch.set_num_threads(1)
         run, node = configs(context)
         config = msg.content[wire.CONFIG]
-        outcome = evaluate_round(run=run, node=node, global_weights=_weights(msg),
-                                 server_round=int(config[wire.SERVER_ROUND]))
-        metrics = evaluation_reply_metrics(outcome, score_histogram=bool(config.get(wire.WANT_SCORE_HISTOGRAM)))
-        return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
+        state = context.state.config_records.get(_STATE) or ConfigRecord({_TRAINED: []})
+        done = int(state.get(_EVALUATED, 0))
+        release = evaluate_round(run=run, node=node, global_weights=_weights(msg),
+                                 server_round=int(config[wire.SERVER_ROUND]), evaluations_done=done,
+                                 score_histogram=bool(config.get(wire.WANT_SCORE_HISTOGRAM)),
+                                 run_id=str(context.run_id))
+        if release.refused:
+            return Message(_refusal_content(release.refusal), reply_to=msg)
+        state[_EVALUATED] = done + 1
+        context.state[_STATE] = state
+        return Message(RecordDict({wire.METRICS: evaluation_reply_metrics(release)}), reply_to=msg)
 
     @client_app.query()
     @_confined("explanation")
     def query(msg: Message, context: Context) -> Message:
         import torch
 
-        from client.explanation_round import explain_round
+        from client.node import release_explanations
 
         torch.set_num_threads(1)
         run, node = configs(context)
@@ -156,9 +173,13 @@ def make_client_app(*, overrides: Mapping[str, Any] | None = None,
         unknown = [m for m in methods if m not in EXPLANATION_METHODS]
         if unknown:
             raise ConfigError(f"'{wire.EXPLAIN_METHODS}': unknown method(s) {unknown}")
-        tally = explain_round(run=run, node=node, global_weights=_weights(msg), methods=methods,
-                              run_id=str(context.run_id))
-        return Message(RecordDict({wire.METRICS: explanation_reply_metrics(tally, node)}), reply_to=msg)
+        release = release_explanations(run=run, node=node, global_weights=_weights(msg), methods=methods,
+                                       run_id=str(context.run_id))
+        if release.refused:
+            return Message(_refusal_content(release.refusal), reply_to=msg)
+        metrics = explanation_reply_metrics(release.tally, node)
+        metrics[wire.EVALUATION_NOISE] = float(release.noise_std)
+        return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
 
     return client_app
 
@@ -206,7 +227,7 @@ def _secure_train(msg: Message, context: Context, run: RunConfig, node: NodeConf
                              max_weight=float(secagg.max_weight), sum_range=sum_range)
     result = train_secure_round(run=run, node=node, global_weights=dict(zip(keys, arrays)),
                                 server_round=server_round, terms=terms, trained_rounds=frozenset(state[_TRAINED]),
-                                run_id=str(context.run_id))
+                                run_id=str(context.run_id), run_key=str(fitins.config.get(wire.RUN_KEY, "")) or None)
     if result.refused:
         raise NodeRefusal(result.refusal)
     state[_TRAINED] = [*state[_TRAINED], server_round]
@@ -225,6 +246,7 @@ def train_reply_metrics(result: TrainResult, node: NodeConfig) -> MetricRecord:
         wire.EPSILON: float(result.epsilon),
         wire.EPSILON_OWN_NOISE: float(result.epsilon_own_noise),
         wire.DELTA: float(result.delta),
+        wire.ACCOUNTANT: ACCOUNTANTS.index(result.accountant),
         wire.STEPS: int(result.steps),
         wire.REFUSED: 1.0 if result.refused else 0.0,
     }
@@ -242,30 +264,44 @@ def train_reply_metrics(result: TrainResult, node: NodeConfig) -> MetricRecord:
     return MetricRecord(metrics)
 
 
-def evaluation_reply_metrics(outcome: EvalOutcome, *, score_histogram: bool = False) -> MetricRecord:
-    """The numbers an evaluate reply carries: example count, loss, defined metrics, confusion counts (and, when
-    asked, the score histogram of the validation split)."""
+def evaluation_reply_metrics(release) -> MetricRecord:
+    """The numbers an evaluate reply carries (``client.node.EvaluationRelease``): example count and confusion
+    counts, noised unless the node's policy releases them in clear (then also loss and the other metrics); the score
+    histogram when asked; ``EVALUATION_NOISE``, the standard deviation of the noise on each count (0 = exact)."""
     from common.metrics import scalar_metrics
 
-    metrics: dict[str, float | int] = {wire.NUM_EXAMPLES: int(outcome.num_examples)}
-    if math.isfinite(outcome.loss):
-        metrics[wire.EVAL_LOSS] = float(outcome.loss)
-    for key, value in scalar_metrics(outcome.metrics).items():
-        if key == "n":
-            continue
-        metrics[key] = int(value) if wire.confusion_cell(key) is not None else float(value)
-    if score_histogram:
-        metrics[wire.SCORE_HISTOGRAM] = outcome.score_histogram.flat()
+    metrics: dict[str, float | int | list[int]] = {wire.NUM_EXAMPLES: int(release.num_examples),
+                                                   wire.EVALUATION_NOISE: float(release.noise_std)}
+    if math.isfinite(release.loss):
+        metrics[wire.EVAL_LOSS] = float(release.loss)
+    for i, row in enumerate(release.confusion):
+        for j, count in enumerate(row):
+            metrics[wire.confusion_key(i, j)] = int(count)
+    for key, value in scalar_metrics(release.metrics or {}).items():
+        if key != "n" and wire.confusion_cell(key) is None:
+            metrics[key] = float(value)
+    if release.score_histogram is not None:
+        metrics[wire.SCORE_HISTOGRAM] = [int(v) for v in release.score_histogram]
     return MetricRecord(metrics)
 
 
-def _train_content(result: TrainResult, node: NodeConfig) -> RecordDict:
+def _train_content(result: TrainResult, node: NodeConfig, encoding: str = "float32",
+                   global_weights: Mapping[str, np.ndarray] | None = None) -> RecordDict:
+    """The train reply: metrics, and the trained weights as run config ``update-encoding`` says (relative to the
+    round's `global_weights`; ``common.update_encoding``), or the refusal."""
     content = RecordDict({wire.METRICS: train_reply_metrics(result, node)})
     if result.refused:
         content[wire.REFUSAL] = ConfigRecord({wire.REASON: result.refusal})
     else:
-        content[wire.ARRAYS] = ArrayRecord({k: Array(np.asarray(v)) for k, v in result.weights.items()})
+        encoded = encode_update(result.weights, global_weights or {}, encoding)
+        content[wire.ARRAYS] = ArrayRecord({k: Array(np.asarray(v)) for k, v in encoded.items()})
     return content
+
+
+def _refusal_content(reason: str) -> RecordDict:
+    """An evaluation or explanation the node's policy refuses: nothing about its data, the reason."""
+    return RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 0, wire.REFUSED: 1.0}),
+                       wire.REFUSAL: ConfigRecord({wire.REASON: reason})})
 
 
 def _weights(msg: Message) -> dict[str, np.ndarray]:

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from client.dataset_scan import ScanReport, scan_folder
+from client.readers.base import MAX_IMAGE_BYTES
 from client.readers.manifest import ManifestError
 from client.readers.mias import MiasError
 
@@ -44,13 +45,17 @@ def check_data(
         Path | None, typer.Option("--manifest", metavar="CSV", help="file,label,patient_id[,...] manifest.")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON report on stdout.")] = False,
+    max_image_mb: Annotated[
+        float, typer.Option("--max-image-mb", min=0.001, metavar="MB",
+                            help="Skip images whose header declares more pixel data than this (MiB), undecoded.")
+    ] = MAX_IMAGE_BYTES / 2**20,
 ) -> None:
     """Scan DIR: images usable, files skipped and why, classes, patients, views, bit depths."""
     errors = Console(stderr=True)
     try:
         # Libraries must not write into the JSON: anything they print goes to stderr while scanning.
         with contextlib.redirect_stdout(sys.stderr):
-            report = scan_folder(folder, manifest)
+            report = scan_folder(folder, manifest, max_image_bytes=int(max_image_mb * 2**20))
     except (FileNotFoundError, ManifestError, MiasError) as exc:
         errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT) from exc
@@ -97,10 +102,92 @@ def print_summary(report: ScanReport, console: Console) -> None:
         console.print(f"metadata files: {', '.join(report.metadata_files)}", highlight=False)
 
 
+@app.command("ledger")
+def ledger_command(
+    state_dir: Annotated[Path, typer.Option("--state-dir", metavar="DIR", help="The node's state-dir.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
+    max_epsilon: Annotated[
+        float | None, typer.Option("--max-epsilon", min=0.0, help="The node's budget: show what is left of it.")
+    ] = None,
+    delta: Annotated[
+        float | None, typer.Option("--delta", help="Delta of every epsilon shown (default: the latest entry's).")
+    ] = None,
+) -> None:
+    """Privacy releases this node recorded: per round its DP-SGD steps and the epsilon spent up to it; totals."""
+    # imported here: the ledger computes epsilon with Opacus, which loads torch
+    from client.privacy_ledger import LEDGER_FILE_NAME, LedgerError, PrivacyLedger, ledger_statement
+
+    errors = Console(stderr=True)
+    try:
+        if not state_dir.is_dir():
+            raise FileNotFoundError(f"{state_dir}: no such state-dir")
+        if delta is not None and not 0 < delta < 1:
+            raise ValueError(f"--delta must be in (0, 1), got {delta:g}")
+        statement = ledger_statement(PrivacyLedger(state_dir / LEDGER_FILE_NAME), delta=delta,
+                                     max_epsilon=max_epsilon)
+    except (FileNotFoundError, ValueError, LedgerError) as exc:
+        errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    if json_output:
+        sys.stdout.write(json.dumps(statement, indent=2) + "\n")
+    else:
+        print_ledger(statement, Console())
+
+
+def print_ledger(statement: dict, console: Console) -> None:
+    """The readable form of a ledger statement (`client.privacy_ledger.ledger_statement`)."""
+    console.print(f"[bold]privacy ledger[/] {escape(statement['ledger'])}", highlight=False)
+    if not statement["releases"] and not statement["totals"]["steps"]:
+        console.print("no releases recorded: nothing spent")
+    both = statement["distributed"]
+    delta = statement["delta"]
+    if statement["releases"]:
+        table = Table(title=f"releases (epsilon at delta {delta:g}, accountant {statement['mechanism']})")
+        for name in ("time", "run", "round", "steps", "sample rate", "noise"):
+            table.add_column(name, justify="left" if name in ("time", "run") else "right")
+        if both:
+            table.add_column("noise of sum", justify="right")
+        table.add_column("epsilon (own noise)" if both else "epsilon", justify="right")
+        if both:
+            table.add_column("epsilon (sum)", justify="right")
+        for release in statement["releases"]:
+            round_ = release["server_round"]
+            row = [release["time"] or "", escape(str(release["run_id"] or "")), "" if round_ is None else str(round_),
+                   str(release["steps"]), f"{release['sample_rate']:.4g}", f"{release['noise_multiplier']:.4g}"]
+            if both:
+                row.append(f"{release['aggregate_noise_multiplier']:.4g}")
+            row.append(f"{release['epsilon']:.3f}")
+            if both:
+                row.append(f"{release['epsilon_aggregate']:.3f}")
+            table.add_row(*row)
+        console.print(table)
+    totals = statement["totals"]
+    line = f"total: {totals['releases']} releases, {totals['steps']} steps"
+    if delta is not None:
+        line += f", epsilon {totals['epsilon']:.3f}"
+        if both:
+            line += f" (own noise), {totals['epsilon_aggregate']:.3f} (sum)"
+        line += f" at delta {delta:g}"
+    console.print(line, highlight=False)
+    if totals["unlisted_steps"]:
+        console.print(f"[yellow]{totals['unlisted_steps']} steps in the history have no entry[/] "
+                      "(recorded by an older version)", highlight=False)
+    budget = statement["budget"]
+    if budget is not None:
+        line = f"budget: max-epsilon {budget['max_epsilon']:g}, left {budget['remaining']:.3f}"
+        if both:
+            line += f" (own noise), {budget['remaining_aggregate']:.3f} (sum)"
+        console.print(line, highlight=False)
+
+
 @app.command("screen")
 def screen_command(
     inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help="DICOM/PNG/PGM files or folders.")],
     model: Annotated[Path, typer.Option("--model", metavar="BUNDLE", help="Released model bundle.")],
+    public_key: Annotated[Path, typer.Option(
+        "--public-key", metavar="PEM",
+        help="The coordinator's trusted public key(s) (trusted.pub): the model must carry a valid signature from "
+             "one of them (MODEL.sig beside it).")],
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Output folder (created).")],
     json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON summary on stdout.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")] = 8,
@@ -112,6 +199,7 @@ def screen_command(
     from client.screening import OutputExists, check_output, count_files, missing_inputs, screen
     from common.bundle import BundleError
     from common.inference import Predictor
+    from common.signing import SignatureError, TrustedKeys
 
     errors = Console(stderr=True)
 
@@ -129,10 +217,18 @@ def screen_command(
     except OutputExists as exc:
         fail(str(exc))
     try:
+        trusted = TrustedKeys.read(public_key)
+    except SignatureError as exc:
+        fail(str(exc))
+    try:
         with contextlib.redirect_stdout(sys.stderr):
-            predictor = Predictor.from_bundle(model)
+            predictor = Predictor.from_bundle(model, trusted=trusted)
     except BundleError as exc:
         fail(f"cannot use the model: {exc}")
+    provenance = predictor.meta.provenance
+    errors.print(f"model signature verified ({public_key.name}): round {provenance.round}, "
+                 f"{len(provenance.hospitals)} hospital(s), signed {provenance.signed_at}", highlight=False,
+                 soft_wrap=True)
     with Progress(TextColumn("screening"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=errors, transient=json_output) as progress:
         task = progress.add_task("screen", total=count_files(inputs))
@@ -227,3 +323,59 @@ def node_command(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API call otherwise
     raise typer.Exit(run_node(options))
+
+
+@app.command("preflight")
+def preflight_command(
+    node_config: Annotated[str, typer.Option(
+        "--node-config", metavar="'KEY=VALUE ...'",
+        help="The node's config, as given to flower-supernode (data-dir, state-dir, manifest, policy keys).")],
+    run_config: Annotated[str, typer.Option(
+        "--run-config", metavar="'KEY=VALUE ...'",
+        help="The run config the coordinator announces (keys not given take the app's defaults).")] = "",
+    json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON report on stdout.")] = False,
+) -> None:
+    """What a run would send from this node and cost it, and whether the node's policy allows it (exit 1 if not)."""
+    import click
+    from flwr.common.config import parse_config_args
+
+    from client.preflight import preflight
+    from common.run_config import ConfigError, NodeConfig, RunConfig
+
+    errors = Console(stderr=True)
+    try:
+        run = RunConfig.from_flower(parse_config_args([run_config]) if run_config.strip() else {})
+        node = NodeConfig.from_flower(parse_config_args([node_config]), run=run)
+        with contextlib.redirect_stdout(sys.stderr):
+            plan = preflight(run, node)
+    except (ConfigError, FileNotFoundError, ManifestError, MiasError, ValueError, click.ClickException) as exc:
+        message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
+        errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    if json_output:
+        sys.stdout.write(json.dumps(plan.to_json(), indent=2) + "\n")
+    else:
+        print_preflight(plan.to_json(), Console())
+    if not plan.allowed:
+        raise typer.Exit(1)
+
+
+def print_preflight(plan: dict, console: Console) -> None:
+    """The readable form of a preflight report."""
+    verdict = "[bold green]allowed[/]" if plan["allowed"] else "[bold red]refused[/]"
+    console.print(f"policy: {verdict}; epsilon {plan['epsilon_now']:.3f} now, {plan['epsilon_after']:.3f} after "
+                  f"this run (budget {plan['max_epsilon']:g}, on {plan['budget_basis']})", highlight=False)
+    for reason in plan["refusals"]:
+        console.print(f"  {escape(reason)}", highlight=False)
+    facts = Table(title="the run at this node", show_header=False)
+    facts.add_column("what")
+    facts.add_column("value", overflow="fold")
+    facts.add_row("images", f"{plan['train_images']} training, {plan['validation_images']} validation")
+    facts.add_row("model", f"{plan['model']['kind']}: {plan['model']['parameters']:,} parameters, "
+                           f"{plan['model']['bytes_per_update_float32']:,} bytes per update (float32)")
+    facts.add_row("DP", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                  for k, v in plan["dp"].items()))
+    facts.add_row("releases", ", ".join(f"{k} {v}" for k, v in plan["releases"].items()))
+    for kind, keys in plan["sends"].items():
+        facts.add_row(f"sends ({kind})", ", ".join(keys))
+    console.print(facts)

@@ -9,11 +9,14 @@ Two kinds of folder:
   rows whose file is missing are listed apart (`missing_files`). The manifest and its ROI masks are metadata.
 
 Nothing is dropped silently: every counted file is either usable (`n_ok`) or skipped with a reason, so
-`n_files == n_ok + len(skipped)`. A report holds no pixel data.
+`n_files == n_ok + len(skipped)`; a reader that fails in an unforeseen way (even a decoder panic) gives a reason
+too. Images whose header declares more than `max_image_bytes` are skipped before decoding. Manifest paths must
+stay inside the scanned folder. A report holds no pixel data.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from client.readers.base import DecodedImage, UnreadableImage
+from client.readers.base import MAX_IMAGE_BYTES, DecodedImage, UnreadableImage, is_decoder_panic
 from client.readers.images import read_image
 from client.readers.manifest import read_manifest
 from client.readers.mias import IMAGE_NAME, IMAGE_SIZE, INFO_FILE, is_mias_folder, parse_info, read_mias_records
@@ -116,13 +119,27 @@ class ScanReport:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def scan_folder(folder: Path, manifest: Path | None = None) -> ScanReport:
+def scan_folder(folder: Path, manifest: Path | None = None, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> ScanReport:
     """Scan `folder` (see the module docstring). Raises FileNotFoundError for a missing folder or manifest,
     `ManifestError` for a bad manifest and `MiasError` for a bad mini-MIAS Info.txt."""
     folder = _existing(folder, manifest)
+    readers = _Readers.capped(max_image_bytes)
     if manifest is None and is_mias_folder(folder):
-        return _scan_mias(folder)
-    return _scan_generic(folder, None if manifest is None else Path(manifest))
+        return _scan_mias(folder, readers)
+    return _scan_generic(folder, None if manifest is None else Path(manifest), readers)
+
+
+@dataclass(frozen=True)
+class _Readers:
+    """The readers a scan uses, with its cap on declared image size."""
+
+    image: Callable[[Path], DecodedImage]
+    raster: Callable[[Path], DecodedImage]
+
+    @classmethod
+    def capped(cls, max_image_bytes: int) -> _Readers:
+        return cls(functools.partial(read_image, max_image_bytes=max_image_bytes),
+                   functools.partial(read_raster, max_image_bytes=max_image_bytes))
 
 
 def _existing(folder: Path, manifest: Path | None) -> Path:
@@ -148,17 +165,19 @@ class FolderEntry:
     metadata: bool = False
 
 
-def folder_entries(folder: Path, manifest: Path | None = None) -> Iterator[FolderEntry]:
+def folder_entries(folder: Path, manifest: Path | None = None, *,
+                   max_image_bytes: int = MAX_IMAGE_BYTES) -> Iterator[FolderEntry]:
     """Every file below `folder` in scan order (:func:`files_below`, then manifest rows outside the folder),
     decoded one at a time, with the same rules as `scan_folder` (which is built on it). Raises as `scan_folder`."""
     folder = _existing(folder, manifest)
+    readers = _Readers.capped(max_image_bytes)
     if manifest is None and is_mias_folder(folder):
-        return _mias_entries(folder, read_mias_records(folder, require_images=False))
+        return _mias_entries(folder, read_mias_records(folder, require_images=False), readers)
     manifest = None if manifest is None else Path(manifest)
-    return _generic_entries(folder, manifest, _manifest_records(manifest))
+    return _generic_entries(folder, manifest, _manifest_records(manifest, folder), readers)
 
 
-def _scan_mias(folder: Path) -> ScanReport:
+def _scan_mias(folder: Path, readers: _Readers) -> ScanReport:
     records = read_mias_records(folder, require_images=False)
     used = {record.path.stem for record in records}
     listed = sorted({row.refnum for row in parse_info((folder / INFO_FILE).read_bytes().decode("latin-1"))})
@@ -167,7 +186,7 @@ def _scan_mias(folder: Path) -> ScanReport:
         for refnum in listed
         if refnum not in used
     )
-    images, skipped, metadata = _collect(_mias_entries(folder, records))
+    images, skipped, metadata = _collect(_mias_entries(folder, records, readers))
     return ScanReport(
         folder=folder,
         dataset="mini-mias",
@@ -179,7 +198,7 @@ def _scan_mias(folder: Path) -> ScanReport:
     )
 
 
-def _mias_entries(folder: Path, mias_records: list[ImageRecord]) -> Iterator[FolderEntry]:
+def _mias_entries(folder: Path, mias_records: list[ImageRecord], readers: _Readers) -> Iterator[FolderEntry]:
     records = {record.path.resolve(): record for record in mias_records}
     used = {record.path.stem: record.path.name for record in records.values()}
     for path in files_below(folder):
@@ -189,9 +208,9 @@ def _mias_entries(folder: Path, mias_records: list[ImageRecord]) -> Iterator[Fol
             continue
         record = records.get(path.resolve())
         if record is None:
-            yield FolderEntry(path, name, reason=_mias_extra_reason(path, folder, used))
+            yield FolderEntry(path, name, reason=_mias_extra_reason(path, folder, used, readers))
             continue
-        decoded = decode_file(read_raster, path)
+        decoded = decode_file(readers.raster, path)
         if isinstance(decoded, str):
             yield FolderEntry(path, name, reason=decoded)
         elif decoded.pixels.shape != (IMAGE_SIZE, IMAGE_SIZE):
@@ -202,16 +221,16 @@ def _mias_entries(folder: Path, mias_records: list[ImageRecord]) -> Iterator[Fol
             yield FolderEntry(path, name, record=record, decoded=decoded)
 
 
-def _mias_extra_reason(path: Path, folder: Path, used: dict[str, str]) -> str:
+def _mias_extra_reason(path: Path, folder: Path, used: dict[str, str], readers: _Readers) -> str:
     if path.parent == folder and IMAGE_NAME.fullmatch(path.name) and path.stem in used:
         return f"another copy of {path.stem} is used ({used[path.stem]})"
-    decoded = decode_file(read_image, path)
+    decoded = decode_file(readers.image, path)
     return decoded if isinstance(decoded, str) else f"image not listed in {INFO_FILE}"
 
 
-def _scan_generic(folder: Path, manifest: Path | None) -> ScanReport:
-    listed = _manifest_records(manifest)
-    images, skipped, metadata = _collect(_generic_entries(folder, manifest, listed))
+def _scan_generic(folder: Path, manifest: Path | None, readers: _Readers) -> ScanReport:
+    listed = _manifest_records(manifest, folder)
+    images, skipped, metadata = _collect(_generic_entries(folder, manifest, listed, readers))
     missing = [
         SkippedFile(_relative(record.path, folder), "listed in the manifest, file not found")
         for record in listed.values()
@@ -234,13 +253,15 @@ def _scan_generic(folder: Path, manifest: Path | None) -> ScanReport:
     )
 
 
-def _manifest_records(manifest: Path | None) -> dict[Path, ImageRecord]:
+def _manifest_records(manifest: Path | None, folder: Path) -> dict[Path, ImageRecord]:
     if manifest is None:
         return {}
-    return {record.path.resolve(): record for record in read_manifest(manifest, check_files=False)}
+    records = read_manifest(manifest, check_files=False, root=folder)
+    return {record.path.resolve(): record for record in records}
 
 
-def _generic_entries(folder: Path, manifest: Path | None, listed: dict[Path, ImageRecord]) -> Iterator[FolderEntry]:
+def _generic_entries(folder: Path, manifest: Path | None, listed: dict[Path, ImageRecord],
+                     readers: _Readers) -> Iterator[FolderEntry]:
     masks = {record.roi_mask.resolve() for record in listed.values() if record.roi_mask is not None}
     metadata_paths = masks | ({manifest.resolve()} if manifest is not None else set())
     on_disk = files_below(folder)
@@ -251,7 +272,7 @@ def _generic_entries(folder: Path, manifest: Path | None, listed: dict[Path, Ima
         if path.resolve() in metadata_paths:
             yield FolderEntry(path, name, metadata=True)
             continue
-        decoded = decode_file(read_image, path)
+        decoded = decode_file(readers.image, path)
         if isinstance(decoded, str):
             yield FolderEntry(path, name, reason=decoded)
             continue
@@ -268,7 +289,7 @@ def _generic_entries(folder: Path, manifest: Path | None, listed: dict[Path, Ima
             view=record.view or decoded.view,
             breast_side=record.breast_side or decoded.breast_side,
         )
-        problem = _annotation_problem(record, decoded)
+        problem = _annotation_problem(record, decoded, readers)
         if problem:
             yield FolderEntry(path, name, reason=problem)
         else:
@@ -288,14 +309,14 @@ def _collect(entries: Iterator[FolderEntry]) -> tuple[list[ScannedImage], list[S
     return images, skipped, metadata
 
 
-def _annotation_problem(record: ImageRecord, decoded: DecodedImage) -> str | None:
+def _annotation_problem(record: ImageRecord, decoded: DecodedImage, readers: _Readers) -> str | None:
     """Lesion circles must have their centre inside the image; an ROI mask must match the image's size."""
     height, width = decoded.pixels.shape[:2]
     for circle in record.lesions:
         if not (0 <= circle.x < width and 0 <= circle.y < height):
             return f"lesion circle centre ({circle.x:g}, {circle.y:g}) outside the {height}x{width} image"
     if record.roi_mask is not None and record.roi_mask.is_file():
-        mask = decode_file(read_image, record.roi_mask)
+        mask = decode_file(readers.image, record.roi_mask)
         if isinstance(mask, str):
             return f"roi_mask unreadable: {mask}"
         if mask.pixels.shape[:2] != (height, width):
@@ -315,7 +336,12 @@ def decode_file(reader: Callable[[Path], DecodedImage], path: Path) -> DecodedIm
         return exc.reason
     except Exception as exc:  # noqa: BLE001 - reported per file, see docstring
         logger.warning("reader raised %s instead of UnreadableImage", type(exc).__name__)
-        return f"internal reader error ({type(exc).__name__}: {exc})"
+        return f"internal reader error ({type(exc).__name__}: {str(exc)[:200]})"
+    except BaseException as exc:
+        if not is_decoder_panic(exc):
+            raise  # KeyboardInterrupt, SystemExit
+        logger.warning("a decoder panicked instead of raising UnreadableImage")
+        return f"internal reader error (decoder panic: {str(exc)[:200]})"
 
 
 def _scanned(record: ImageRecord, decoded: DecodedImage) -> ScannedImage:

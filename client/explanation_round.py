@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import private_counts
 from common.models import InferenceModel, LabelledImage, build_model
 from common.records import CLASS_NAMES
 from common.run_config import NodeConfig, RunConfig
@@ -103,6 +104,25 @@ def explain_round(*, run: RunConfig, node: NodeConfig, global_weights: dict[str,
     log.info("explained %d validation images with lesions (%s); heatmaps kept in %s", tally.images,
              ", ".join(methods), out_dir)
     return tally
+
+
+def noised_tally(tally: LocalisationTally, *, noise_multiplier: float,
+                 rng: np.random.Generator) -> tuple[LocalisationTally, float]:
+    """The tally with Gaussian noise on every number, and the noise's standard deviation.
+
+    One image adds 1 to `images`, at most 1 to the baseline sum and, per method, to `hits` and the mass sum:
+    L2 sensitivity sqrt(2 + 2 x methods). Counts are rounded (may be negative: the coordinator pools, then
+    clips); sums stay real.
+    """
+    std = private_counts.noise_std(noise_multiplier, 2 + 2 * len(tally.methods))
+    noised = LocalisationTally(methods=tally.methods)
+    noised.images = int(private_counts.release_counts(np.array(tally.images), std=std, rng=rng))
+    noised.baseline_sum = float(tally.baseline_sum + rng.normal(0.0, std))
+    for method in tally.methods:
+        noised.hits[method] = int(private_counts.release_counts(np.array(tally.hits.get(method, 0)), std=std,
+                                                                rng=rng))
+        noised.mass_sum[method] = float(tally.mass_sum.get(method, 0.0) + rng.normal(0.0, std))
+    return noised, std
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -68,7 +68,7 @@ def hospital_records(node: NodeConfig, run: RunConfig) -> list[ImageRecord]:
         return simulation_partition(node.data_dir, run, partition_id=node.partition_id,
                                     num_partitions=node.num_partitions)
     if node.manifest is not None:
-        records = read_manifest(node.manifest)
+        records = read_manifest(node.manifest, root=node.data_dir)  # image paths stay inside data-dir
     elif is_mias_folder(node.data_dir):
         records = read_mias_records(node.data_dir)
     else:

@@ -355,6 +355,11 @@ def report_html(rows: Sequence[ScreenRow], summary: ScreenSummary, predictor: Pr
     facts: list[tuple[str, str]] = [("model", model_name or "(bundle)"),
                                     ("model kind", f"{model.kind}, {model.image_size} px"),
                                     ("decision rule", summary.decision_rule)]
+    provenance = predictor.meta.provenance
+    if provenance is not None:
+        facts.append(("signature", f"verified: {provenance.kind} of round {provenance.round}, "
+                                   f"{len(provenance.hospitals)} hospital(s), config {provenance.config_hash[:12]}, "
+                                   f"signed {provenance.signed_at}"))
     if point is None:
         facts.append(("operating point", "none in the bundle: the most probable class is the decision"))
     else:

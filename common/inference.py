@@ -29,6 +29,7 @@ from common.models import InferenceModel
 from common.operating_point import OperatingPoint, decide
 from common.preprocessing import Preprocessed, preprocess
 from common.records import CLASS_NAMES
+from common.signing import TrustedKeys
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,9 +79,10 @@ class Predictor:
         self.operating_point: OperatingPoint | None = meta.operating_point
 
     @classmethod
-    def from_bundle(cls, path: Path, *, device: torch.device | str = "cpu") -> Predictor:
-        """Load a released bundle (refused with ``common.bundle.BundleError`` if this version cannot use it)."""
-        model, meta = load_bundle(path)
+    def from_bundle(cls, path: Path, *, trusted: TrustedKeys, device: torch.device | str = "cpu") -> Predictor:
+        """Load a released bundle signed by one of the `trusted` keys (refused with ``common.bundle.BundleError``
+        if unsigned, tampered, signed by another key, or unusable by this version)."""
+        model, meta = load_bundle(path, trusted=trusted)
         return cls(model, meta, device=device)
 
     @property

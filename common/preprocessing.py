@@ -34,6 +34,7 @@ import numpy as np
 from scipy import ndimage
 
 from common.records import LesionCircle
+from common.run_config import TrainingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ _SIDES = ("left", "right")
 class PreprocessConfig:
     """Everything that decides the preprocessed pixels; its :meth:`fingerprint` keys caches."""
 
-    size: int = 512
+    size: int = TrainingSettings.image_size  # the run config's default, declared once in common.run_config
     levels: int = 256  # grey levels used for thresholding
     threshold_factor: float = 0.4  # threshold = factor x Otsu level (Otsu alone cuts the fatty periphery)
     min_threshold: float = 0.02  # absolute floor of the threshold, in [0, 1] units

@@ -2,12 +2,22 @@
 
 Flower hands every app a flat dict of kebab-case keys: the run config (experiment-wide; defaults in
 ``[tool.flwr.app.config]`` of ``pyproject.toml``, overridable with ``flwr run --run-config``) and the node config
-(who a node is and where its data lives: ``flower-supernode --node-config``; in simulation Flower sets
-``partition-id`` and ``num-partitions``). Each entry point reads them ONCE into the frozen objects below and passes
-those down. Unknown keys and bad values raise :class:`ConfigError` naming the key.
+(who a node is, where its data lives and its privacy policy: ``flower-supernode --node-config``; in simulation
+Flower sets ``partition-id`` and ``num-partitions``). Each entry point reads them ONCE into the frozen objects
+below and passes those down. Unknown keys and bad values raise :class:`ConfigError` naming the key.
 
-Field ``foo_bar`` of :class:`RunConfig` is run-config key ``foo-bar``; the defaults here are the ones in
-``pyproject.toml`` (a test keeps them identical).
+Who owns which value:
+
+- :class:`CoordinatorSettings`: how the coordinator runs the federation (rounds, sampling, aggregation, release);
+- :class:`TrainingSettings`: the model and the local training every hospital is asked to do;
+- :class:`SimulationSettings` (``sim-*``): how virtual hospitals are cut from mini-MIAS, and their policy;
+- :class:`common.node_policy.NodePolicy`: the hospital's own privacy policy (budget, delta, accountant, limits),
+  in its node config only. A run config can ask for less privacy than a node's policy allows; the node then
+  refuses, naming the key. Keys that belong to the policy are refused in a run config.
+
+:class:`RunConfig` is the run config as Flower hands it over: the three run sections together. Field ``foo_bar``
+is run-config key ``foo-bar``; every default is declared once, here (``pyproject.toml`` repeats them for Flower, a
+test keeps the two identical; the model, preprocessing and training dataclasses take theirs from here).
 """
 
 from __future__ import annotations
@@ -19,14 +29,17 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from common.node_policy import POLICY_KEYS, NodePolicy, PolicyError
 from common.operating_point import RULES as OPERATING_POINT_RULES
 
 MODEL_KINDS = ("cnn", "effnet_head", "effnet_finetune")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
-ACCOUNTANTS = ("rdp", "prv")
+AGGREGATIONS = ("mean", "trimmed-mean", "median", "krum")
 PARTITION_SCHEMES = ("iid", "dirichlet", "tissue")
 POOLINGS = ("classwise", "abnormal")
 DP_MODES = ("auto", "local", "distributed")
+#: ``common.update_encoding.ENCODINGS`` (a test keeps the two equal).
+UPDATE_ENCODINGS = ("float32", "float16", "int8")
 #: Explanation methods of ``common.explanations.METHODS`` (a test keeps the two equal; captum is not imported here).
 EXPLANATION_METHODS = ("cell_scores", "grad_cam", "integrated_gradients", "occlusion")
 
@@ -36,17 +49,16 @@ class ConfigError(ValueError):
 
 
 def _opt(default: Any, doc: str, *, choices: tuple[str, ...] = (), low: float | None = None,
-         high: float | None = None, low_open: bool = False) -> Any:
+         high: float | None = None, low_open: bool = False, high_open: bool = False) -> Any:
     """A config field: default, one-line help, allowed values (choices or a numeric range)."""
     return field(default=default, metadata={"help": doc, "choices": choices, "low": low, "high": high,
-                                            "low_open": low_open})
+                                            "low_open": low_open, "high_open": high_open})
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Experiment-wide settings, identical for the coordinator and every hospital of one run."""
+class CoordinatorSettings:
+    """How the coordinator runs the federation: rounds, sampling, aggregation, what it releases and where."""
 
-    # ------------------------------------------------------------ federation
     num_server_rounds: int = _opt(3, "federated rounds in total (a resumed run continues up to this number)", low=1)
     strategy: str = _opt("fedavg", "server aggregation", choices=STRATEGIES)
     proximal_mu: float = _opt(0.01, "FedProx proximal term weight (strategy fedprox)", low=0.0)
@@ -63,8 +75,16 @@ class RunConfig:
     min_evaluate_replies: int = _opt(1, "evaluation replies a round needs, else the run fails", low=0)
     round_timeout: float = _opt(600.0, "seconds to wait for replies in each train/evaluate step",
                                 low=0.0, low_open=True)
-    max_update_norm: float = _opt(1000.0, "reject a reply whose L2 distance to the global model exceeds this "
-                                  "(0 = no bound)", low=0.0)
+    max_update_norm: float = _opt(0.0, "reject a reply whose L2 distance to the global model exceeds this (0 = "
+                                  "auto: what local DP-SGD can move, from lr, max-grad-norm, noise-multiplier, "
+                                  "local-epochs, batch-size and the reply's num-examples; no bound with dp off)",
+                                  low=0.0)
+    aggregation: str = _opt("mean", "how valid updates are combined: mean (example-weighted, FedAvg), "
+                            "trimmed-mean, median (per coordinate) or krum (the update closest to its "
+                            "neighbours); all but mean ignore num-examples; dp-mode distributed needs mean",
+                            choices=AGGREGATIONS)
+    byzantine_nodes: int = _opt(1, "robust aggregation: hostile hospitals to tolerate per round (trimmed-mean "
+                                "drops this many values at each end; krum's f)", low=0)
     seed: int = _opt(42, "seed for sampling, splits and partitions", low=0)
     operating_point: str = _opt("sensitivity", "how the released model's malignancy threshold is chosen on the "
                                 "hospitals' validation data: sensitivity (highest threshold reaching "
@@ -75,7 +95,25 @@ class RunConfig:
                                 "model on its validation images with these methods (comma-separated: cell_scores, "
                                 "grad_cam, integrated_gradients, occlusion; empty = none); only localisation "
                                 "counts return")
-    # ------------------------------------------------------------ model and local training
+    dp_mode: str = _opt("auto", "where DP noise is added: local (each hospital noises its own update), distributed "
+                        "(each adds a share, only the SecAgg+ sum carries noise-multiplier; one step per round), "
+                        "auto (distributed when min-nodes >= 3, strategy is fedavg and aggregation mean)",
+                        choices=DP_MODES)
+    secagg_dropouts: int = _opt(1, "distributed mode: hospitals that may drop out of a round with the sum still "
+                                "revealed (SecAgg+ threshold = sampled - this, at least 2)", low=0)
+    evaluate_every: int = _opt(1, "federated evaluation every this many rounds (and always after the last "
+                               "round); each one costs the hospitals privacy budget", low=1)
+    run_dir: str = _opt("", "where the coordinator writes metrics, checkpoints and the model (empty = "
+                        "runs/<UTC time>)")
+    resume: str = _opt("", "run directory of an interrupted run to continue from its last checkpoint")
+    signing_key: str = _opt("", "the coordinator's Ed25519 private key that signs checkpoints and the model "
+                            "(mammofl-coordinator signing-key generate; empty = a key made in <run dir>/signing/)")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The model and the local training every hospital is asked to do (a node's policy may refuse it)."""
+
     model: str = _opt("effnet_head", "model kind: cnn (trained end to end), effnet_head (frozen pretrained "
                       "features per cell + DP head), effnet_finetune (last blocks trainable)", choices=MODEL_KINDS)
     image_size: int = _opt(512, "preprocessed image side in pixels (a multiple of 32)", low=32, high=2048)
@@ -94,24 +132,22 @@ class RunConfig:
     batch_size: int = _opt(16, "expected batch size (Poisson sample rate = batch-size / train images)", low=1)
     val_fraction: float = _opt(0.2, "share of a hospital's patients kept for its validation split",
                                low=0.0, high=0.9)
+    update_encoding: str = _opt("float32", "how trained weights travel to the coordinator: float32 (the weights), "
+                                "float16 or int8 (the update, quantised; common.update_encoding); dp-mode local "
+                                "only", choices=UPDATE_ENCODINGS)
     # ------------------------------------------------------------ differential privacy
     dp: bool = _opt(True, "train with DP-SGD (Opacus); false = plain SGD, no privacy guarantee")
     noise_multiplier: float = _opt(1.0, "DP-SGD noise multiplier (sigma)", low=0.0, low_open=True)
     max_grad_norm: float = _opt(1.0, "DP-SGD per-sample clipping norm", low=0.0, low_open=True)
-    delta: float = _opt(1e-5, "DP delta at which epsilon is reported", low=0.0, high=1.0, low_open=True)
-    accountant: str = _opt("rdp", "privacy accountant (recorded with every epsilon)", choices=ACCOUNTANTS)
-    max_epsilon: float = _opt(10.0, "default lifetime privacy budget of a node (node config max-epsilon wins)",
-                              low=0.0, low_open=True)
-    dp_mode: str = _opt("auto", "where DP noise is added: local (each hospital noises its own update), distributed "
-                        "(each adds a share, only the SecAgg+ sum carries noise-multiplier; one step per round), "
-                        "auto (distributed when min-nodes >= 3 and strategy is fedavg)", choices=DP_MODES)
-    secagg_dropouts: int = _opt(1, "distributed mode: hospitals that may drop out of a round with the sum still "
-                                "revealed (SecAgg+ threshold = sampled - this, at least 2)", low=0)
-    # ------------------------------------------------------------ run directory
-    run_dir: str = _opt("", "where the coordinator writes metrics, checkpoints and the model (empty = "
-                        "runs/<UTC time>)")
-    resume: str = _opt("", "run directory of an interrupted run to continue from its last checkpoint")
-    # ------------------------------------------------------------ simulation (mini-MIAS split into virtual hospitals)
+    delta: float = _opt(1e-5, "DP delta the run asks epsilon to be reported at; each hospital accounts at the "
+                        "smaller of this and its own policy's delta", low=0.0, high=1.0, low_open=True,
+                        high_open=True)
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """Virtual hospitals cut from mini-MIAS (``mammofl-sim``): their data, their disks and their policy."""
+
     sim_data_dir: str = _opt("", "mini-MIAS folder the virtual hospitals are cut from")
     sim_state_dir: str = _opt("", "root of the virtual hospitals' own disks (ledgers, caches)")
     sim_partition: str = _opt("iid", "how patients are spread over hospitals", choices=PARTITION_SCHEMES)
@@ -123,6 +159,16 @@ class RunConfig:
     sim_central_eval: bool = _opt(True, "evaluate the global model on the held-out test set every round")
     sim_budget_on_aggregate: bool = _opt(False, "virtual hospitals check their budget on the epsilon of the secure "
                                          "sum (trusting SecAgg+) instead of their own noise")
+    sim_max_epsilon: float = _opt(10.0, "virtual hospitals' lifetime privacy budget (their policy's max-epsilon)",
+                                  low=0.0, low_open=True)
+    sim_max_attack_advantage: float = _opt(0.0, "release gate of a simulation: withhold the model "
+                                           "(model.unreleased, exit 1) when a membership-inference attack's "
+                                           "advantage exceeds this (0 = off)", low=0.0, high=1.0)
+
+
+@dataclass(frozen=True)
+class RunConfig(CoordinatorSettings, TrainingSettings, SimulationSettings):
+    """The run config of one federation, identical for the coordinator and every hospital of one run."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -149,6 +195,19 @@ class RunConfig:
         if self.dp_mode == "distributed" and self.strategy != "fedavg":
             raise ConfigError(f"run config 'dp-mode' distributed trains by FedSGD over secure aggregation; "
                               f"'strategy' {self.strategy} is not available with it (use fedavg, or dp-mode local)")
+        if self.aggregation != "mean":
+            if self.dp_mode == "distributed":
+                raise ConfigError(f"run config 'aggregation' {self.aggregation}: dp-mode distributed reveals only "
+                                  f"the sum of the updates, so only mean is possible (use dp-mode local)")
+            needed = 2 * self.byzantine_nodes + (3 if self.aggregation == "krum" else 1)
+            if self.min_train_replies < needed:
+                raise ConfigError(f"run config 'aggregation' {self.aggregation} with 'byzantine-nodes' "
+                                  f"{self.byzantine_nodes} needs 'min-train-replies' >= {needed}, got "
+                                  f"{self.min_train_replies}")
+        if self.update_encoding != "float32" and self.distributed_dp:
+            raise ConfigError(f"run config 'update-encoding' {self.update_encoding} applies to dp-mode local only: "
+                              f"distributed noise travels as SecAgg+'s own quantised sum (set dp-mode local, or "
+                              f"update-encoding float32)")
         if self.fraction_evaluate == 0.0 and self.min_evaluate_replies > 0:
             raise ConfigError("run config 'min-evaluate-replies' must be 0 when 'fraction-evaluate' is 0")
 
@@ -166,7 +225,7 @@ class RunConfig:
         kwargs = {}
         for key, value in merged.items():
             if key not in known:
-                raise ConfigError(f"unknown run config key '{key}'{_suggest(key, known)}")
+                raise ConfigError(_unknown_key(key, known))
             kwargs[known[key].name] = _coerce("run config", key, value, known[key])
         return cls(**kwargs)
 
@@ -195,7 +254,7 @@ class RunConfig:
             if not sep:
                 raise ConfigError(f"expected key=value, got '{text}'")
             if key not in known:
-                raise ConfigError(f"unknown run config key '{key}'{_suggest(key, known)}")
+                raise ConfigError(_unknown_key(key, known))
             out[key] = _parse_text(key, raw.strip(), known[key])
         return out
 
@@ -220,11 +279,12 @@ class RunConfig:
 
     @property
     def distributed_dp(self) -> bool:
-        """Whether rounds use distributed noise over secure aggregation (``dp-mode``; auto: min-nodes >= 3)."""
+        """Whether rounds use distributed noise over secure aggregation (``dp-mode``; auto: min-nodes >= 3,
+        fedavg, mean aggregation)."""
         if not self.dp:
             return False
         return self.dp_mode == "distributed" or (self.dp_mode == "auto" and self.min_nodes >= 3
-                                                 and self.strategy == "fedavg")
+                                                 and self.strategy == "fedavg" and self.aggregation == "mean")
 
     def updated(self, **changes: Any) -> RunConfig:
         """A copy with some fields (python names) changed, validated again."""
@@ -235,30 +295,24 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """Who a hospital node is and where its data and its own state live (resolved, absolute paths).
+    """Who a hospital node is, where its data and its own state live (resolved, absolute paths), and its policy.
 
-    Node config keys: ``data-dir`` (images), ``manifest`` (CSV; absent for a mini-MIAS folder), ``max-epsilon``
-    (the hospital's lifetime budget; default: run config ``max-epsilon``), ``state-dir`` (privacy ledger and
-    caches; must survive restarts), and the node's policy for distributed noise: ``budget-on-aggregate`` (check
-    the budget on the epsilon of the secure sum, trusting secure aggregation; default false: on the node's own
-    noise) and ``secagg-max-dropouts`` (join a secure sum only if it cannot be revealed with more dropouts than
-    this; default 1). A simulated hospital takes these two from run config ``sim-budget-on-aggregate`` and
-    ``secagg-dropouts`` unless its node config sets them. In simulation Flower adds ``partition-id`` and
-    ``num-partitions``; the data
-    is then run config ``sim-data-dir`` cut by patient, and the state lives under ``sim-state-dir``.
+    Node config keys: ``data-dir`` (images), ``manifest`` (CSV; absent for a mini-MIAS folder), ``state-dir``
+    (privacy ledger and caches; must survive restarts) and the keys of the node's privacy policy
+    (:class:`common.node_policy.NodePolicy`; ``max-epsilon`` is required on a deployed node). In simulation Flower
+    adds ``partition-id`` and ``num-partitions``; the data is then run config ``sim-data-dir`` cut by patient, the
+    state lives under ``sim-state-dir``, and the policy defaults come from the simulation's keys
+    (``sim-max-epsilon``, ``sim-budget-on-aggregate``, ``secagg-dropouts``; TLS not required).
     """
 
     data_dir: Path
     state_dir: Path
-    max_epsilon: float
+    policy: NodePolicy
     manifest: Path | None = None
     partition_id: int | None = None
     num_partitions: int | None = None
-    budget_on_aggregate: bool = False
-    secagg_max_dropouts: int = 1
 
-    KEYS = ("data-dir", "manifest", "max-epsilon", "state-dir", "partition-id", "num-partitions",
-            "budget-on-aggregate", "secagg-max-dropouts")
+    KEYS = ("data-dir", "manifest", "state-dir", "partition-id", "num-partitions", *POLICY_KEYS)
 
     @property
     def is_simulation(self) -> bool:
@@ -274,7 +328,7 @@ class NodeConfig:
 
     @classmethod
     def from_flower(cls, values: Mapping[str, Any], *, run: RunConfig) -> NodeConfig:
-        """Read Flower's node config dict; defaults that depend on the run come from `run`."""
+        """Read Flower's node config dict; a virtual hospital's policy defaults come from `run`'s sim-* keys."""
         unknown = [k for k in values if k not in cls.KEYS]
         if unknown:
             raise ConfigError(f"unknown node config key '{unknown[0]}'{_suggest(unknown[0], cls.KEYS)}")
@@ -284,33 +338,33 @@ class NodeConfig:
             raise ConfigError("node config 'partition-id' and 'num-partitions' go together")
         if partition_id is not None and not 0 <= partition_id < num_partitions:
             raise ConfigError(f"node config 'partition-id' must be in [0, {num_partitions}), got {partition_id}")
-        max_epsilon = values.get("max-epsilon", run.max_epsilon)
-        if isinstance(max_epsilon, bool) or not isinstance(max_epsilon, (int, float)) \
-                or not math.isfinite(max_epsilon) or max_epsilon <= 0:
-            raise ConfigError(f"node config 'max-epsilon' must be a number > 0, got {max_epsilon!r}")
         if partition_id is None:
             data_dir = _node_path(values, "data-dir", required=True)
             state_dir = _node_path(values, "state-dir", required=True)
+            policy_defaults = None
         else:
             data_dir = _node_path(values, "data-dir") or _run_path(run.sim_data_dir, "sim-data-dir")
             state_dir = _node_path(values, "state-dir") or (
                 _run_path(run.sim_state_dir, "sim-state-dir") / f"hospital-{partition_id}")
-        simulated = partition_id is not None
-        budget_on_aggregate = values.get("budget-on-aggregate", run.sim_budget_on_aggregate if simulated else False)
-        if not isinstance(budget_on_aggregate, bool):
-            raise ConfigError(f"node config 'budget-on-aggregate': expected true or false, got {budget_on_aggregate!r}")
-        max_dropouts = _node_int(values, "secagg-max-dropouts")
-        if max_dropouts is None:
-            max_dropouts = run.secagg_dropouts if simulated else 1
-        if max_dropouts < 0:
-            raise ConfigError(f"node config 'secagg-max-dropouts' must be >= 0, got {max_dropouts}")
-        return cls(data_dir=data_dir, state_dir=state_dir, max_epsilon=float(max_epsilon),
-                   manifest=_node_path(values, "manifest"), partition_id=partition_id,
-                   num_partitions=num_partitions, budget_on_aggregate=budget_on_aggregate,
-                   secagg_max_dropouts=max_dropouts)
+            policy_defaults = {"max-epsilon": run.sim_max_epsilon, "require-tls": False,
+                               "budget-on-aggregate": run.sim_budget_on_aggregate,
+                               "secagg-max-dropouts": run.secagg_dropouts}
+        try:
+            policy = NodePolicy.from_node_config(values, defaults=policy_defaults)
+        except PolicyError as error:
+            raise ConfigError(str(error)) from None
+        return cls(data_dir=data_dir, state_dir=state_dir, policy=policy, manifest=_node_path(values, "manifest"),
+                   partition_id=partition_id, num_partitions=num_partitions)
 
 
 # ---------------------------------------------------------------- checks
+def _unknown_key(key: str, known: Iterable[str]) -> str:
+    if key in POLICY_KEYS:
+        return (f"run config '{key}' belongs to each hospital's own privacy policy (its node config), not to the "
+                f"run; in a simulation set the virtual hospitals' policy with the sim-* keys")
+    return f"unknown run config key '{key}'{_suggest(key, known)}"
+
+
 def _suggest(key: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(known), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -334,7 +388,10 @@ def _coerce(channel: str, key: str, value: Any, f) -> Any:
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{channel} '{key}': expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{channel} '{key}': {str(value)[:20]}... is out of range") from None
     if not isinstance(value, str):
         raise ConfigError(f"{channel} '{key}': expected a string, got {value!r}")
     return value
@@ -365,14 +422,22 @@ def _check_value(name: str, value: Any, f) -> None:
     if meta["choices"] and value not in meta["choices"]:
         raise ConfigError(f"run config '{key}': must be one of {', '.join(meta['choices'])}; got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise ConfigError(f"run config '{key}': must be finite, got {value!r}")
+        if not _finite(value):
+            raise ConfigError(f"run config '{key}': must be finite, got {str(value)[:20]!r}")
         low, high = meta["low"], meta["high"]
         if low is not None and (value < low or (meta["low_open"] and value == low)):
             bound = ">" if meta["low_open"] else ">="
             raise ConfigError(f"run config '{key}': must be {bound} {low}, got {value!r}")
-        if high is not None and value > high:
-            raise ConfigError(f"run config '{key}': must be <= {high}, got {value!r}")
+        if high is not None and (value > high or (meta["high_open"] and value == high)):
+            bound = "<" if meta["high_open"] else "<="
+            raise ConfigError(f"run config '{key}': must be {bound} {high}, got {value!r}")
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 def _node_int(values: Mapping[str, Any], key: str) -> int | None:
@@ -393,10 +458,20 @@ def _node_path(values: Mapping[str, Any], key: str, *, required: bool = False) -
         return None
     if not isinstance(value, str):
         raise ConfigError(f"node config '{key}': expected a path string, got {value!r}")
-    return Path(value).expanduser().resolve()
+    return _resolved("node config", key, value)
+
+
+def _resolved(channel: str, key: str, value: str) -> Path:
+    """An absolute path; a NUL byte or an unknown ``~user`` is a config error naming the key."""
+    if "\0" in value:
+        raise ConfigError(f"{channel} '{key}': a path cannot contain a NUL byte")
+    try:
+        return Path(value).expanduser().resolve()
+    except (RuntimeError, OSError, ValueError) as error:
+        raise ConfigError(f"{channel} '{key}': cannot resolve path {value[:60]!r} ({error})") from None
 
 
 def _run_path(value: str, key: str) -> Path:
     if not value:
         raise ConfigError(f"run config '{key}' is required in simulation")
-    return Path(value).expanduser().resolve()
+    return _resolved("run config", key, value)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from common.privacy import DEFAULT_MECHANISM, MECHANISMS
+from common.node_policy import NodePolicy
+from common.privacy import MECHANISMS
+from common.run_config import TrainingSettings
 
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch", "ew", "ghost")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
@@ -22,11 +24,11 @@ class DPConfig:
         needs ``torchcsprng``, which has no build for the pinned torch.
     """
 
-    enabled: bool = True
-    noise_multiplier: float = 1.0
-    max_grad_norm: float = 1.0
-    delta: float = 1e-5
-    accountant: str = DEFAULT_MECHANISM
+    enabled: bool = TrainingSettings.dp  # defaults declared once: the run config's, the node policy's
+    noise_multiplier: float = TrainingSettings.noise_multiplier
+    max_grad_norm: float = TrainingSettings.max_grad_norm
+    delta: float = NodePolicy.delta
+    accountant: str = NodePolicy.accountant
     grad_sample_mode: str = "hooks"
     secure_mode: bool = False
 
@@ -55,15 +57,15 @@ class LocalTrainConfig:
     seed: seeds sampling, shuffling and noise (None = fresh randomness; ignored in secure mode).
     """
 
-    epochs: int = 1
-    batch_size: int = 16
-    learning_rate: float = 0.05
+    epochs: int = TrainingSettings.local_epochs  # defaults declared once, in common.run_config
+    batch_size: int = TrainingSettings.batch_size
+    learning_rate: float = TrainingSettings.lr
     momentum: float = 0.0
     weight_decay: float = 0.0
     optimizer: str = "sgd"
     max_steps: int | None = None
     proximal_mu: float = 0.0
-    cell_loss_weight: float = 1.0
+    cell_loss_weight: float = TrainingSettings.cell_loss_weight
     seed: int | None = None
     dp: DPConfig = field(default_factory=DPConfig)
 

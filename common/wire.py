@@ -11,9 +11,10 @@ Message layout (Flower Message API):
 - train reply: ``{ARRAYS: ArrayRecord(local weights), METRICS: MetricRecord(TRAIN_METRIC_KEYS)}``.
 - refusal reply (node budget exhausted): ``{METRICS: MetricRecord(REFUSAL_METRIC_KEYS), REFUSAL:
   ConfigRecord({REASON: str})}`` and no arrays (MetricRecords hold numbers only, so the reason travels apart).
-- evaluate reply: ``{METRICS: MetricRecord(NUM_EXAMPLES, EVAL_LOSS, metric names, confusion counts)}``, plus
-  ``SCORE_HISTOGRAM`` when the instruction's config sets ``WANT_SCORE_HISTOGRAM`` (the last round's evaluation,
-  from which the coordinator chooses the operating point).
+- evaluate reply: ``{METRICS: MetricRecord(NUM_EXAMPLES, EVALUATION_NOISE, confusion counts)}`` (by default
+  the counts carry Gaussian noise charged to the node's budget; a node whose policy releases them in clear adds
+  EVAL_LOSS and the metric names), plus ``SCORE_HISTOGRAM`` when the instruction's config sets
+  ``WANT_SCORE_HISTOGRAM`` (the last round's evaluation, from which the coordinator chooses the operating point).
 
 Distributed noise over secure aggregation (``common.distributed_dp``) runs on Flower's SecAgg+ protocol, whose
 messages use Flower's legacy layout (``fitins.*`` / ``fitres.*`` records plus SecAgg+'s own config record). The
@@ -38,6 +39,7 @@ SERVER_ROUND = "server-round"  # injected by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx
 WANT_SCORE_HISTOGRAM = "score-histogram"  # evaluate instruction: 1 = reply with SCORE_HISTOGRAM too
 WEIGHT_KEYS = "weight-keys"  # secure rounds: names of the legacy parameters list, in order (`join_keys`)
+RUN_KEY = "run-key"  # train instruction: the run's identity across coordinator restarts (its run directory's key)
 
 # ---------------------------------------------------------------- train reply metrics (node -> server)
 NUM_EXAMPLES = "num-examples"  # weight of the reply in averaging (Flower's default `weighted_by_key`)
@@ -53,6 +55,7 @@ DP_ENABLED = "dp-enabled"  # 1.0 / 0.0
 REFUSED = "refused"  # 1.0 in a refusal reply, 0.0 otherwise
 PARTITION_ID = "partition-id"  # simulation only: which virtual hospital replied (a number, never a name)
 MAX_EPSILON = "max-epsilon"  # the node's own budget (reported with a refusal)
+ACCOUNTANT = "accountant"  # optional: the node's accountant, as its index in common.node_policy.ACCOUNTANTS
 
 # ---------------------------------------------------------------- federated explanations (query messages)
 #: Query instruction: ``{ARRAYS: global weights, CONFIG: {EXPLAIN_METHODS: "cell_scores,grad_cam"}}``. The node
@@ -82,6 +85,10 @@ CONFUSION_PREFIX = "cm_"
 #: Counts of validation images per (true class, more probable non-malignant class, P(malignant) bin): a list of
 #: ints, ``common.operating_point.ScoreHistogram.flat`` order; summed over hospitals it is the pooled histogram.
 SCORE_HISTOGRAM = "score-histogram"
+#: Standard deviation of the Gaussian noise on every count of the reply (confusion counts, histogram); 0 = exact.
+#: Noised counts are integers that may be negative: the coordinator sums them, then clips the pooled counts.
+#: An evaluation the node refuses (its policy) is a reply with REFUSED = 1, NUM_EXAMPLES = 0 and a REFUSAL record.
+EVALUATION_NOISE = "evaluation-noise"
 
 
 def join_keys(keys: list[str]) -> str:

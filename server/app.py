@@ -7,6 +7,15 @@ round, a checkpoint per round, and the final model bundle. With run config ``res
 the run continues from that directory's last checkpoint (round numbers continue; hospitals' epsilon keeps growing
 because their ledgers live on their own disks).
 
+A coordinator killed mid-run (SIGKILL, power loss) is resumed this way, as a new Flower run on the restarted
+SuperLink. Every training instruction carries the run directory's ``run_key``, the same before and after the
+restart, and a hospital refuses a (run key, round) its ledger already holds, so no budget is spent twice. A round
+that was started but not checkpointed when the coordinator died is not asked again: hospitals may have trained
+it (their spend was real and is recorded; their updates may have reached the coordinator), so it is recorded in
+``metrics.json`` as lost and the resumed run continues at the next round number, still ending at
+``num-server-rounds``. A coordinator stopped between rounds (after a checkpoint, before the next round's
+instructions) loses no round.
+
 In-process simulation hands the app an empty run config: :func:`make_server_app` takes the overrides, and the
 centralised evaluator (which reads images, so it is built on the hospital side of the code and injected here).
 """
@@ -26,6 +35,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.bundle import BundleMeta, save_bundle
 from common.models import build_model
 from common.records import CLASS_NAMES
+from common import wire
 from common.run_config import ConfigError, RunConfig
 from common.weights import exchanged_weights, load_weights
 from server.run_directory import (
@@ -38,6 +48,7 @@ from server.run_directory import (
 )
 from server.federated_explanations import request_explanations
 from server.report import build_report
+from server.signing_keys import run_signing
 from server.strategy import MammoStrategyMixin, build_strategy
 
 log = logging.getLogger(__name__)
@@ -92,24 +103,32 @@ def run_federation(grid: Grid, config: RunConfig, *, central_evaluator: CentralE
 
 
 def open_run_directory(config: RunConfig) -> RunDirectory:
-    """Create the run directory, or reopen the one named by run config `resume`."""
+    """Create the run directory, or reopen the one named by run config `resume`; either signs its checkpoints and
+    bundle with the coordinator's key (``server.signing_keys.run_signing``) and resumes only from checkpoints
+    that key (or one it trusts) signed."""
     if config.resume:
         resume = Path(config.resume).expanduser().resolve()
         if config.run_dir and Path(config.run_dir).expanduser().resolve() != resume:
             raise ConfigError(f"run config 'run-dir' ({config.run_dir}) and 'resume' ({config.resume}) differ: a "
                               f"resumed run continues in its own directory; leave 'run-dir' empty")
-        return RunDirectory.resume(resume, config=config.to_flower(), must_match=RESUME_MUST_MATCH)
-    path = Path(config.run_dir).expanduser().resolve() if config.run_dir else default_run_dir()
-    return RunDirectory.create(path, config=config.to_flower())
+        run = RunDirectory.resume(resume, config=config.to_flower(), must_match=RESUME_MUST_MATCH)
+    else:
+        path = Path(config.run_dir).expanduser().resolve() if config.run_dir else default_run_dir()
+        run = RunDirectory.create(path, config=config.to_flower())
+    try:
+        run.use_signing(run_signing(config, run.path))
+    except BaseException as error:
+        run.fail(error)
+        raise
+    return run
 
 
 class RoundRecorder:
     """Flower's `evaluate_fn`: called after each round; adds centralised evaluation and writes the round entry."""
 
     def __init__(self, run: RunDirectory, strategy: MammoStrategyMixin, model: torch.nn.Module,
-                 evaluator: Callable[[torch.nn.Module], dict] | None, accountant: str):
+                 evaluator: Callable[[torch.nn.Module], dict] | None):
         self.run, self.strategy, self.model, self.evaluator = run, strategy, model, evaluator
-        self.accountant = accountant
         self.last_central: dict | None = None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -138,7 +157,7 @@ class RoundRecorder:
             entry["centralised_eval"] = _summary(central)  # the histogram is kept for the final entry only
             self.last_central = {**central, "round": rnd}
         self.run.record_round(entry)
-        self.run.set_privacy({h: {**p, "accountant": self.accountant} for h, p in self.strategy.privacy.items()})
+        self.run.set_privacy(self.strategy.privacy)  # each hospital's numbers, by its own policy's accountant
         if secure is not None:  # no per-hospital loss leaves a node under distributed noise
             log.info("round %d: secure sum of %d hospitals (noise multiplier %.3g), epsilon max %s", rnd,
                      secure["contributors"], secure["noise_multiplier_of_sum"], entry["epsilon_max"])
@@ -164,9 +183,17 @@ def _run(grid: Grid, config: RunConfig, run: RunDirectory,
         weights, done = checkpoint.arrays, checkpoint.round
         if not any(r["round"] == done for r in run.rounds):  # interrupted between aggregation and evaluation
             run.record_round(_entry_from_checkpoint(checkpoint))
+        lost = run.checkpoints.lost_rounds()
+        for rnd in lost:
+            run.record_round(lost_round_entry(rnd))
+        if lost:
+            run.document["resumed"][-1]["lost_rounds"] = lost
+            done = strategy.round_offset = lost[-1]
+            log.warning("round(s) %s were interrupted before their checkpoint; hospitals may have spent budget on "
+                        "them, so they are not trained again: continuing at round %d", lost, done + 1)
         log.info("resuming %s after round %d", run.path, done)
     evaluator = central_evaluator(config) if central_evaluator and config.sim_central_eval else None
-    recorder = RoundRecorder(run, strategy, model, evaluator, config.accountant)
+    recorder = RoundRecorder(run, strategy, model, evaluator)
     remaining = config.num_server_rounds - done
     if remaining > 0:
         result = strategy.start(
@@ -174,7 +201,7 @@ def _run(grid: Grid, config: RunConfig, run: RunDirectory,
             initial_arrays=ArrayRecord({k: Array(np.asarray(v)) for k, v in weights.items()}),
             num_rounds=remaining,
             timeout=config.round_timeout,
-            train_config=ConfigRecord(),
+            train_config=ConfigRecord({wire.RUN_KEY: run.run_key}),
             evaluate_config=ConfigRecord(),
             evaluate_fn=recorder,
         )
@@ -188,11 +215,13 @@ def _run(grid: Grid, config: RunConfig, run: RunDirectory,
         run.flush()
     point = release_operating_point(run.rounds, rule=config.operating_point, target=config.target_sensitivity)
     final = with_operating_point(_final(run, recorder, model, evaluator, config.num_server_rounds), point)
+    last_round = max(done, config.num_server_rounds)
     save_bundle(run.bundle_path, exchanged_weights(model), BundleMeta(
         model_config=config.model_config(), preprocess_config=config.preprocess_config(), class_names=CLASS_NAMES,
-        info={"run_dir": str(run.path), "round": max(done, config.num_server_rounds),
+        info={"run_dir": str(run.path), "round": last_round,
               "operating_point": point.to_json() if point is not None else None,
-              "final": _summary(final), "versions": run.document["versions"]}))
+              "final": _summary(final), "versions": run.document["versions"]}),
+        sign=run.bundle_signature(round=last_round))
     run.finish(final)
 
 
@@ -245,6 +274,13 @@ def _entry_from_checkpoint(checkpoint) -> dict:
     return {"round": checkpoint.round, "train_loss": metrics.get("train-loss"),
             "epsilon_max": metrics.get("epsilon-max"), "replies": {"train": report} if report else {},
             "note": "the run stopped before this round was evaluated"}
+
+
+def lost_round_entry(rnd: int) -> dict:
+    """The round entry of a round interrupted before its checkpoint (``CheckpointStore.lost_rounds``)."""
+    return {"round": rnd, "lost": True, "train_loss": None, "epsilon_max": None, "replies": {},
+            "note": "the coordinator stopped during this round, before its checkpoint: hospitals may have trained "
+                    "it and spent budget on it, so it was not trained again"}
 
 
 def _number(record: MetricRecord | None, key: str) -> float | None:

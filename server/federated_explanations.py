@@ -54,7 +54,7 @@ def summarise_explanations(replies: Iterable[tuple[str, str | None, dict | None]
     """
     hospitals: dict[str, dict] = {}
     notes: list[str] = []
-    images, baseline = 0, 0.0
+    images, baseline, noise = 0, 0.0, 0.0
     hits = dict.fromkeys(methods, 0)
     mass = dict.fromkeys(methods, 0.0)
     for name, error, metrics in replies:
@@ -62,7 +62,11 @@ def summarise_explanations(replies: Iterable[tuple[str, str | None, dict | None]
             hospitals[name] = {"error": error}
             notes.append(f"{name}: failed: {error}")
             continue
-        problem = _check(metrics, methods)
+        if metrics is not None and metrics.get(wire.REFUSED) == 1.0:
+            hospitals[name] = {"refused": True}
+            notes.append(f"{name}: refused (its privacy policy)")
+            continue
+        problem = _check_noised(metrics, methods) if _noised(metrics) else _check(metrics, methods)
         if problem:
             hospitals[name] = {"error": problem}
             notes.append(f"{name}: rejected: {problem}")
@@ -70,17 +74,43 @@ def summarise_explanations(replies: Iterable[tuple[str, str | None, dict | None]
         n = int(metrics[wire.EXPLAINED_IMAGES])
         hospitals[name] = {"images": n}
         images += n
+        noise += float(metrics.get(wire.EVALUATION_NOISE, 0.0)) ** 2
         baseline += float(metrics[wire.EXPLAIN_BASELINE_SUM])
         for method in methods:
             hits[method] += int(metrics[wire.explain_key(method, "hits")])
             mass[method] += float(metrics[wire.explain_key(method, "mass-sum")])
-    per_method = {m: {"pointing_game": hits[m] / images if images else None,
-                      "mass_inside": mass[m] / images if images else None,
-                      "random_baseline": baseline / images if images else None} for m in methods}
+    # Noised counts are pooled first, then made usable: rates clipped into [0, 1] (post-processing).
+    per_method = {m: {"pointing_game": _rate(hits[m], images), "mass_inside": _rate(mass[m], images),
+                      "random_baseline": _rate(baseline, images)} for m in methods}
     for note in notes:
         log.warning("explanations: %s", note)
-    return {"methods": list(methods), "images": images, "hospitals": dict(sorted(hospitals.items())),
-            "per_method": per_method, "notes": notes}
+    return {"methods": list(methods), "images": max(images, 0), "hospitals": dict(sorted(hospitals.items())),
+            "per_method": per_method, "notes": notes, "noise_std": math.sqrt(noise)}
+
+
+def _rate(total: float, images: int) -> float | None:
+    return min(max(total / images, 0.0), 1.0) if images > 0 else None
+
+
+def _noised(metrics) -> bool:
+    return metrics is not None and _real(metrics.get(wire.EVALUATION_NOISE)) and metrics[wire.EVALUATION_NOISE] > 0
+
+
+def _check_noised(metrics, methods: Sequence[str]) -> str | None:
+    """A noised reply: integer counts and real sums of any sign."""
+    keys = [wire.EXPLAINED_IMAGES, *(wire.explain_key(m, "hits") for m in methods)]
+    for key in keys:
+        value = metrics.get(key)
+        if not _real(value) or float(value) != int(value):
+            return f"'{key}' must be an integer, got {value!r}"
+    for key in (wire.EXPLAIN_BASELINE_SUM, *(wire.explain_key(m, "mass-sum") for m in methods)):
+        if not _real(metrics.get(key)):
+            return f"'{key}' must be a finite number, got {metrics.get(key)!r}"
+    return None
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(metrics, methods: Sequence[str]) -> str | None:

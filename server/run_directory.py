@@ -4,8 +4,12 @@ Layout::
 
     <run dir>/
       metrics.json        rewritten atomically after every round and at the end (below)
-      checkpoints/        round-NNNN.npz, one per completed round (server.checkpoints)
+      checkpoints/        round-NNNN.npz (+ .sig), one per completed round (server.checkpoints)
+      started-rounds/     started-NNNN, an empty marker per round whose training instructions went out
       model.mammofl       the final model bundle (common.bundle; loadable without Flower)
+      model.mammofl.sig   its signature (common.signing): provenance and the coordinator's Ed25519 signature
+      signing/            only where run config signing-key is empty: the key made for this run
+                          (server.signing_keys; signing/trusted.pub verifies the bundle)
 
 ``metrics.json``::
 
@@ -14,7 +18,8 @@ Layout::
       "status": "running" | "completed" | "failed",
       "error": null | "<why the run failed>",
       "rounds": [ {"round": 1, "train_loss": 0.71, "epsilon_max": 1.9,
-                   "replies": {"train": {sampled, valid, refused, rejected, failed, missing, notes},
+                   "replies": {"train": {sampled, valid, refused, rejected, failed, duplicate,
+                                         missing, notes},
                                "evaluate": {...}},
                    "federated_eval": {"num_examples": ..., "eval_loss": ..., "<metric>": ...,
                                       "confusion_matrix": [[...]], "score_histogram"?: {...} (last round)},
@@ -32,10 +37,23 @@ Layout::
       "explanations": {"methods", "images", "hospitals": {name: {"images"} | {"error"}}, "per_method": {method:
                        {"pointing_game", "mass_inside", "random_baseline"}}, "notes", "asked"}
                       (server.federated_explanations; only where run config explain-methods is set),
+      "membership_inference": {"advantage", "auc", "members", "non_members", "seed", "chance_advantage_95",
+                               "attack_names", "attacks": {name: {advantage, auc, threshold, tpr, fpr, ...}},
+                               "gate": {"max_attack_advantage", "enabled", "passed", "model"?}} | {"error", "gate"}
+                              (simulations only: common.membership_inference on the released model, members vs
+                              held-out; a local baseline's top level: "per_hospital", largest advantage and auc),
       "config": {<resolved run config, kebab-case keys>},
       "versions": {"python", "torch", "flwr", "opacus", "mammo-fl"},
-      "resumed": [{"from_round": k, "at": "<UTC time>"}]
+      "resumed": [{"from_round": k, "at": "<UTC time>", "lost_rounds"?: [...]}],
+      "run_key": "<32 hex digits>",
+      "signing": {"key": "<fingerprint>", "public_key": "<trusted.pub hospitals verify with>",
+                  "generated": true | false, "trusted": ["<fingerprint>", ...]}
     }
+
+``run_key`` names the run across coordinator restarts (a Flower run id does not survive them: a resumed run is a
+new Flower run). It is sent with every training instruction; a node records it with each round in its privacy
+ledger and never trains the same (run key, round) twice. A round entry of a round lost to an interruption
+(``server.checkpoints``) reads ``{"round": k, "lost": true, "note": ...}``.
 
 Metric names use snake_case (``eval_loss``, ``auc_malignant``); numbers that are NaN or infinite are written as
 null (JSON has no NaN). Hospitals are named ``partition-<k>`` (simulation) or ``node-<flower node id>``.
@@ -51,6 +69,7 @@ import math
 import os
 import platform
 import tempfile
+import uuid
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
@@ -90,6 +109,26 @@ class RunDirectory:
         self.path = Path(path)
         self.document = document
         self.checkpoints = CheckpointStore(self.path / CHECKPOINT_DIR)
+        self.signing = None  # server.signing_keys.RunSigning, set by use_signing
+
+    def use_signing(self, signing) -> None:
+        """Sign checkpoints (and, through :attr:`signing`, the bundle) with `signing`
+        (``server.signing_keys.RunSigning``); checkpoints load only when signed by its trusted keys."""
+        self.signing = signing
+        self.checkpoints.signer, self.checkpoints.trusted = signing.signer, signing.trusted
+        self.document["signing"] = signing.describe()
+        self.flush()
+
+    def bundle_signature(self, *, round: int):
+        """The `sign` hook of ``common.bundle.save_bundle`` for this run's bundle: a run releases signed models
+        only."""
+        if self.signing is None:
+            raise RunDirectoryError(f"{self.path}: no signing key set (RunDirectory.use_signing): a model is "
+                                    f"released signed or not at all")
+        from common.signing import epsilon_by_hospital
+
+        return self.signing.signer.for_file(kind="bundle", round=round,
+                                            epsilon=epsilon_by_hospital(self.document.get("privacy") or {}))
 
     # ------------------------------------------------------------ opening
     @classmethod
@@ -101,7 +140,8 @@ class RunDirectory:
                                     f"(run config resume='{path}')")
         path.mkdir(parents=True, exist_ok=True)
         document = {"format": FORMAT, "status": "running", "error": None, "rounds": [], "final": None,
-                    "privacy": {}, "config": dict(config), "versions": versions(), "resumed": []}
+                    "privacy": {}, "config": dict(config), "versions": versions(), "resumed": [],
+                    "run_key": uuid.uuid4().hex}
         run = cls(path, document)
         run.flush()
         return run
@@ -130,6 +170,7 @@ class RunDirectory:
                                     f"was made with {document['config'].get(k)!r}")
         document["rounds"] = [r for r in document["rounds"] if r["round"] <= last[-1]]
         document["resumed"].append({"from_round": last[-1], "at": _now()})
+        document.setdefault("run_key", uuid.uuid4().hex)  # a run written before run keys existed
         document.update(status="running", error=None, final=None, config=dict(config), versions=versions())
         run.flush()
         return run
@@ -150,6 +191,11 @@ class RunDirectory:
         self.document["privacy"] = {k: dict(v) for k, v in sorted(privacy.items())}
         self.flush()
 
+    def set_membership_inference(self, section: dict) -> None:
+        """The ``membership_inference`` section (aggregates only: never a per-example loss)."""
+        self.document["membership_inference"] = dict(section)
+        self.flush()
+
     def finish(self, final: dict) -> None:
         self.document.update(status="completed", final=final, error=None)
         self.flush()
@@ -157,6 +203,10 @@ class RunDirectory:
     def fail(self, error: BaseException) -> None:
         self.document.update(status="failed", error=f"{type(error).__name__}: {error}")
         self.flush()
+
+    @property
+    def run_key(self) -> str:
+        return str(self.document["run_key"])
 
     @property
     def bundle_path(self) -> Path:

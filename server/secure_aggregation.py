@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import FedAvg
 from common import wire
 from common.distributed_dp import (SecureSumRange, reconstruction_threshold, secure_sum_range,
                                    share_noise_multiplier, sum_noise_multiplier)
+from server.reply_checks import epsilon_problem
 from server.strategy import MammoStrategyMixin, RoundReport, TooFewReplies, _finite
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ class SecureFedSGD(MammoStrategyMixin, FedAvg):
                                      parameters=sum(int(self._global[k].size) for k in keys))
         outcome = SecureRoundOutcome(participants=participants, threshold=threshold, sum_range=sum_range)
         fitins = FitIns(ndarrays_to_parameters([self._global[k] for k in keys]),
-                        {wire.SERVER_ROUND: rnd, wire.WEIGHT_KEYS: wire.join_keys(keys)})
+                        {wire.SERVER_ROUND: rnd, wire.WEIGHT_KEYS: wire.join_keys(keys),
+                         **({wire.RUN_KEY: config[wire.RUN_KEY]} if wire.RUN_KEY in config else {})})
         nodes = SimpleClientManager()
         for node_id in participants:
             nodes.register(_Node(node_id))
@@ -166,14 +168,15 @@ class SecureFedSGD(MammoStrategyMixin, FedAvg):
             raise TooFewReplies(f"round {rnd}: no secure aggregation ran")
         report = RoundReport(round=rnd, sampled=len(outcome.participants))
         epsilons: list[float] = []
-        for node_id, fitres in outcome.contributions:
-            hospital = _hospital(node_id, fitres.metrics)
-            eps = self._note_privacy(hospital, MetricRecord(_numbers(fitres.metrics)), rnd)
-            if eps is not None:
-                epsilons.append(eps)
-            problem = _check_secure_metrics(fitres)
+        for node_id, fitres in outcome.contributions:  # node ids of the SecAgg+ exchange, not self-declared
+            node = self.nodes.get(node_id, fitres.metrics.get(wire.PARTITION_ID))
+            metrics = MetricRecord(_numbers(fitres.metrics))
+            problem = epsilon_problem(metrics, node, dp_required=self.dp_required)
+            if problem is None:
+                epsilons.append(self._note_privacy(node, metrics, rnd))
+            problem = problem or _check_secure_metrics(fitres)
             if problem:  # already inside the sum: it cannot be taken out, only reported
-                report.notes.append(f"{hospital}: malformed secure reply (in the sum): {problem}")
+                report.notes.append(f"{node.name}: malformed secure reply (in the sum): {problem}")
         contributed = {node_id for node_id, _ in outcome.contributions}
         absent = [f"node-{node_id}" for node_id in outcome.participants if node_id not in contributed]
         for reason in outcome.failures:  # error replies carry no node id: name the absentee when there is one
@@ -220,13 +223,6 @@ class SecureFedSGD(MammoStrategyMixin, FedAvg):
         if self.checkpoints is not None:
             self.checkpoints.save(self.checkpoint(rnd, arrays))
         return arrays, metrics
-
-
-def _hospital(node_id: int, metrics: dict) -> str:
-    partition = metrics.get(wire.PARTITION_ID)
-    if _finite(partition) and float(partition) == int(partition):
-        return f"partition-{int(partition)}"
-    return f"node-{node_id}"
 
 
 def _numbers(metrics: dict) -> dict:

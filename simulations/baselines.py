@@ -28,6 +28,7 @@ from client.training import LocalTrainConfig, evaluate_local, train_local
 from common.bundle import BundleMeta, save_bundle
 from common.device import default_device
 from common.models import build_model
+from common.privacy import DEFAULT_MECHANISM
 from common.records import CLASS_NAMES
 from common.run_config import NodeConfig, RunConfig
 from common.weights import exchanged_weights
@@ -73,15 +74,17 @@ def test_entry(model: torch.nn.Module, test: Dataset) -> dict:
 def validation_entry(model: torch.nn.Module, vals: Sequence[Dataset], *,
                      score_histogram: bool = False) -> dict | None:
     """Validation over the hospitals' splits, aggregated as federated evaluation is (None: no validation data);
-    with `score_histogram`, as in the federation's last round (the operating point is chosen on it)."""
+    with `score_histogram`, as in the federation's last round (the operating point is chosen on it). Exact counts:
+    a baseline is the researcher's own computation on pooled data, not a release by a hospital."""
     from client.app import evaluation_reply_metrics
+    from client.node import exact_release
     from server.strategy import aggregate_evaluation
 
     records = []
     for val in vals:
         if len(val):
-            records.append(evaluation_reply_metrics(evaluate_local(model, val, device=default_device()),
-                                                    score_histogram=score_histogram))
+            outcome = evaluate_local(model, val, device=default_device())
+            records.append(evaluation_reply_metrics(exact_release(outcome, score_histogram=score_histogram)))
     if not records:
         return None
     return eval_entry(aggregate_evaluation(records))
@@ -122,7 +125,7 @@ def train_baseline(run_dir: RunDirectory, run: RunConfig, *, train: Dataset, val
         privacy = {privacy_name: {"epsilon": outcome.epsilon, "delta": outcome.delta,
                                   "noise_multiplier": outcome.noise_multiplier,
                                   "max_grad_norm": outcome.max_grad_norm, "steps": steps,
-                                  "accountant": outcome.accountant or run.accountant, "dp": run.dp,
+                                  "accountant": outcome.accountant or DEFAULT_MECHANISM, "dp": run.dp,
                                   "last_round": rnd}}
         run_dir.checkpoints.save(Checkpoint(round=rnd, arrays=exchanged_weights(model),
                                             meta={"privacy": privacy}))
@@ -140,7 +143,8 @@ def train_baseline(run_dir: RunDirectory, run: RunConfig, *, train: Dataset, val
         info={**info, "run_dir": str(run_dir.path), "round": run.num_server_rounds,
               "operating_point": point.to_json() if point is not None else None,
               "final": {k: v for k, v in final.items() if k != "score_histogram"},
-              "versions": run_dir.document["versions"]}))
+              "versions": run_dir.document["versions"]}),
+        sign=run_dir.bundle_signature(round=run.num_server_rounds))
     run_dir.finish(final)
     return final
 

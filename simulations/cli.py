@@ -4,7 +4,8 @@ Thin: each command resolves a typed config (``simulations.presets``) and calls a
 (``simulations.run``, ``simulations.partition_plot``, ``server.report``). Heavy imports (torch, Flower, Ray)
 happen only inside the commands that need them, so ``--help`` and config errors are instant.
 
-Exit codes: 0 the run completed and wrote its run directory; 1 the run failed (the run directory says why);
+Exit codes: 0 the run completed and wrote its run directory; 1 the run failed (the run directory says why) or its
+model failed the release gate (run config ``sim-max-attack-advantage``: the model is then ``model.unreleased``);
 2 bad input (unknown preset or key, bad value, missing data folder, a folder that is no run directory).
 """
 
@@ -211,11 +212,20 @@ def print_result(result, console: Console) -> None:
     console.print(f"metrics:       {result.metrics_path}", highlight=False, soft_wrap=True)
     for bundle in result.bundles:
         console.print(f"model bundle:  {bundle}", highlight=False, soft_wrap=True)
+        public = bundle.parent / "signing" / "trusted.pub"  # server.signing_keys: the key the run made
+        if public.is_file():
+            console.print(f"public key:    {public}  (screen --public-key)", highlight=False, soft_wrap=True)
     epsilon = f"epsilon max: {_number(result.epsilon_max, 2)}"
     own = result.epsilon_own_noise_max
     if own is not None and result.epsilon_max is not None and own > result.epsilon_max:
         epsilon += f" (of the secure sum; each hospital's own noise alone: {own:.2f})"
     console.print(epsilon, highlight=False)
+    audit = (result.document or {}).get("membership_inference") or {}
+    if audit.get("advantage") is not None:
+        chance = audit.get("chance_advantage_95")
+        console.print(f"membership inference: attack advantage {audit['advantage']:.3f}"
+                      + (f" (a model that leaks nothing: up to {chance:.3f} at 95 %)" if chance is not None else "")
+                      + f", attack AUC {audit['auc']:.3f}", highlight=False)
     console.print(final_metrics_view(final), highlight=False)
     report = Path(result.run_dir) / REPORT_FILE
     if report.is_file():

@@ -29,13 +29,16 @@ GALLERY_FILE = "gallery.json"
 
 def write_gallery(run_dir: Path, run: RunConfig, bundle: Path, *, per_class: int = 2,
                   method: str = "cell_scores") -> Path:
-    """Explain `per_class` held-out test images of each class with the bundle's model; returns the JSON path."""
+    """Explain `per_class` held-out test images of each class with the bundle's model (verified against the run's
+    signing keys, ``server.signing_keys.run_trusted_keys``); returns the JSON path."""
     from client.hospital_data import PreparedImage, preprocess_records, simulation_test_records
     from client.preprocess_cache import PreprocessCache
     from common.explanations import explain, explainable
     from common.overlay import overlay_png
 
-    predictor = Predictor.from_bundle(bundle)
+    from server.signing_keys import run_trusted_keys
+
+    predictor = Predictor.from_bundle(bundle, trusted=run_trusted_keys(run, Path(run_dir)))
     cache = PreprocessCache(Path(run.sim_state_dir) / "coordinator" / "cache" / "preprocessed")
     prepared, _ = preprocess_records(simulation_test_records(run), cache=cache,
                                      config=predictor.meta.preprocess_config)

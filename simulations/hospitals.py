@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.hospital_data import simulation_partition, simulation_pool
+from client.hospital_data import simulation_partition, simulation_pool, split_train_val
 from common.partitioning import partition_summary
 from common.records import ImageRecord
 from simulations.partition_plot import plot_partitions
@@ -28,6 +28,14 @@ class VirtualHospitals:
         """Counts per hospital and of the test set (no file names, no patient ids)."""
         return {"hospitals": partition_summary(self.partitions),
                 "test": partition_summary([self.test])[0] if self.test else None}
+
+    def with_validation(self) -> int:
+        """Hospitals whose own train/validation split (run config ``val-fraction``, by patient) leaves them a
+        validation split: a hospital of one patient has none, and neither has one of two at val-fraction < 0.25
+        (``common.splits`` rounds to whole patients)."""
+        run = self.config.run
+        return sum(1 for part in self.partitions
+                   if split_train_val(list(part), val_fraction=run.val_fraction, seed=run.seed)[1])
 
     def plot(self, out: Path) -> Path:
         run = self.config.run

@@ -89,6 +89,7 @@ _DEMO_OVERRIDES: Mapping[str, Any] = MappingProxyType({
     "sim-test-fraction": 0.2,
     "val-fraction": 0.2,
     "round-timeout": 600.0,
+    "evaluate-every": 10,
 })
 
 PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (

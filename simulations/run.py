@@ -17,6 +17,11 @@ Modes (same virtual hospitals, same patient splits, same seed, same model, same 
   per-round mean over hospitals and, in ``final``, the mean of the hospitals' held-out test metrics (plus each
   hospital's own under ``final["per_hospital"]``).
 
+After training, the simulation audits the released model for membership inference and applies the release gate
+(run config ``sim-max-attack-advantage``; ``simulations.membership_audit``): ``metrics.json`` gets a
+``membership_inference`` section, and a model that fails the gate is moved to ``model.unreleased`` and the run
+raises ``ReleaseWithheld`` (a SimulationError) after its report is written.
+
 Every run directory also gets ``partitions.png`` (the split), ``simulation.json`` (preset, hospitals, mode, data
 and state folders, per-hospital counts: what ``--resume`` needs) and, in ``metrics.json``, a ``simulation``
 section (preset, ``num-hospitals``, mode; ``hospital`` in a local baseline's per-hospital directory). ``config``
@@ -137,10 +142,19 @@ def run_mode(request: SimulationRequest, *, live: bool = False) -> SimulationRes
     started = time.monotonic()
     runner = {"federated": run_federated, "centralised": run_centralised, "local": run_local}[request.mode]
     total = request.config.run.num_server_rounds
+    withheld = None
     with _live_display(request, total, enabled=live):  # the table stays below the gallery's and report's lines
         result = runner(request)
+        from simulations.membership_audit import ReleaseWithheld, audit_release
+
+        try:  # before the gallery: a withheld model is moved aside and gets none
+            audit_release(request.run, result, num_hospitals=request.config.num_hospitals)
+        except ReleaseWithheld as error:
+            withheld = error
         write_outputs(request.run, result)
-    result = replace(result, seconds=time.monotonic() - started)
+    if withheld is not None:
+        raise withheld
+    result = replace(result, seconds=time.monotonic() - started, document=load_metrics(result.run_dir))
     log.info("%s run completed in %.0f s: %s", request.mode, result.seconds, result.run_dir)
     return result
 
@@ -349,10 +363,22 @@ def _prepare(request: SimulationRequest) -> None:
         split = virtual_hospitals(request.data_dir, replace(request.config, run=request.run))
     except ValueError as error:
         raise ConfigError(f"cannot cut the data into {request.config.num_hospitals} hospitals: {error}") from None
+    _check_evaluation(request.run, split.with_validation(), request.config.num_hospitals)
     split.plot(request.run_dir / PARTITION_PLOT)
     side = {"preset": request.config.preset, NUM_HOSPITALS: request.config.num_hospitals, "mode": request.mode,
             "data-dir": str(request.data_dir), "state-dir": str(request.state_dir), "partitions": split.summary()}
     (request.run_dir / SIMULATION_FILE).write_text(json.dumps(side, indent=2) + "\n")
+
+
+def _check_evaluation(run: RunConfig, with_validation: int, hospitals: int) -> None:
+    """Refuse, before any work, a federated evaluation that cannot get the replies it requires: hospitals of one
+    or two patients (e.g. 100 hospitals cut from mini-MIAS's 161 patients) may have no validation split."""
+    if run.fraction_evaluate > 0 and run.min_evaluate_replies > with_validation:
+        raise ConfigError(
+            f"only {with_validation} of {hospitals} hospitals get a validation split at val-fraction "
+            f"{run.val_fraction:g} (the others have too few patients), but 'min-evaluate-replies' is "
+            f"{run.min_evaluate_replies}: set min-evaluate-replies <= {with_validation} (a larger val-fraction, "
+            f"e.g. 0.5, gives more hospitals one), or fraction-evaluate 0")
 
 
 def simulation_section(request: SimulationRequest, *, hospital: int | None = None) -> dict[str, Any]:
@@ -364,9 +390,11 @@ def simulation_section(request: SimulationRequest, *, hospital: int | None = Non
 
 
 def _create(path: Path, request: SimulationRequest, *, hospital: int | None = None) -> RunDirectory:
+    from server.signing_keys import run_signing
+
     run_dir = RunDirectory.create(path, config=request.run.to_flower())
     run_dir.document["simulation"] = simulation_section(request, hospital=hospital)
-    run_dir.flush()
+    run_dir.use_signing(run_signing(request.run, path))
     return run_dir
 
 

@@ -52,7 +52,8 @@ def test_fedavg_of_full_batch_steps_equals_one_centralised_step(kind):
     torch.set_num_threads(1)
     config = ModelConfig(kind=kind, image_size=64)
     sites = [_site(config, 3, seed=1), _site(config, 5, seed=2)]
-    train = LocalTrainConfig(epochs=1, batch_size=64, learning_rate=0.5, dp=DPConfig(enabled=False))
+    train = LocalTrainConfig(epochs=1, batch_size=64, learning_rate=0.5, cell_loss_weight=1.0,
+                             dp=DPConfig(enabled=False))
     torch.manual_seed(0)
     start = {k: v.clone() for k, v in build_model(config).state_dict().items()}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from common.preprocessing import PreprocessConfig
 from common.records import CLASS_NAMES
 from common.weights import WeightsError, exchanged_weights, load_weights
 from conftest import REPO_ROOT
+from signed_files import TRUSTED, bundle_signature, resign
 
 
 @pytest.mark.parametrize("kind, shape", [("cnn", (2, 1, 64, 64)), ("effnet_head", (2, 192, 2, 2))])
@@ -25,9 +27,11 @@ def test_round_trip_gives_the_same_model(tmp_path, kind, shape):
     model = build_model(config).eval()
     meta = BundleMeta(model_config=config, preprocess_config=PreprocessConfig(size=64),
                       info={"round": 3, "final": {"auc_malignant": 0.7}})
-    path = save_bundle(tmp_path / "model.mammofl", exchanged_weights(model), meta)
-    loaded, loaded_meta = load_bundle(path)
-    assert loaded_meta == meta and loaded_meta.class_names == CLASS_NAMES
+    path = save_bundle(tmp_path / "model.mammofl", exchanged_weights(model), meta,
+                       sign=bundle_signature(round=3, epsilon={"partition-0": 1.5}))
+    loaded, loaded_meta = load_bundle(path, trusted=TRUSTED)
+    assert dataclasses.replace(loaded_meta, provenance=None) == meta and loaded_meta.class_names == CLASS_NAMES
+    assert (loaded_meta.provenance.round, loaded_meta.provenance.epsilon) == (3, {"partition-0": 1.5})
     x = torch.rand(shape)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
@@ -37,11 +41,14 @@ def test_round_trip_gives_the_same_model(tmp_path, kind, shape):
 def test_bundle_loads_without_flower(tmp_path):
     config = ModelConfig(kind="cnn", image_size=64)
     save_bundle(tmp_path / "m.mammofl", exchanged_weights(build_model(config)),
-                BundleMeta(model_config=config, preprocess_config=PreprocessConfig(size=64)))
+                BundleMeta(model_config=config, preprocess_config=PreprocessConfig(size=64)), sign=bundle_signature())
+    (tmp_path / "trusted.pub").write_bytes(TRUSTED.to_pem())
     script = textwrap.dedent(f"""
         import sys
         from common.bundle import load_bundle
-        model, meta = load_bundle({str(tmp_path / "m.mammofl")!r})
+        from common.signing import TrustedKeys
+        trusted = TrustedKeys.read({str(tmp_path / "trusted.pub")!r})
+        model, meta = load_bundle({str(tmp_path / "m.mammofl")!r}, trusted=trusted)
         assert meta.model_config.kind == "cnn" and meta.preprocess_config.size == 64
         assert not [m for m in sys.modules if m == "flwr" or m.startswith("flwr.")], "flwr was imported"
         print("ok")
@@ -56,11 +63,11 @@ def test_not_a_bundle_and_mismatched_weights_are_refused(tmp_path):
     other = tmp_path / "other.pt"
     torch.save({"state_dict": {}}, other)
     with pytest.raises(BundleError, match="format None, expected 'mammofl-bundle/1'"):
-        load_bundle(other)
+        load_bundle(resign(other), trusted=TRUSTED)  # signed, yet not a bundle: the format check still holds
     garbage = tmp_path / "garbage.mammofl"
     garbage.write_bytes(b"not a zip")
     with pytest.raises(BundleError, match="not a MammoFL bundle"):
-        load_bundle(garbage)
+        load_bundle(resign(garbage), trusted=TRUSTED)
     model = build_model(ModelConfig(kind="cnn", image_size=64))
     weights = exchanged_weights(model)
     first = next(iter(weights))
@@ -80,5 +87,6 @@ def test_a_bundle_missing_a_model_setting_is_refused_not_defaulted(tmp_path):
     del meta["model_config"]["input_norm"]
     payload["meta"] = json.dumps(meta)
     torch.save(payload, path)
+    resign(path)  # as an older version's coordinator signed it
     with pytest.raises(BundleError, match=r"ModelConfig in the bundle lacks fields this version needs: \['input_norm'\]"):
-        load_bundle(path)
+        load_bundle(path, trusted=TRUSTED)

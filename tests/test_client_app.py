@@ -25,7 +25,8 @@ def _instruction(server_round: int) -> Message:
 
 
 def _context(tmp_path, **node) -> Context:
-    node_config = {"data-dir": str(tmp_path / "data"), "state-dir": str(tmp_path / "state"), **node}
+    node_config = {"data-dir": str(tmp_path / "data"), "state-dir": str(tmp_path / "state"), "max-epsilon": 5.0,
+                   **node}
     return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
 
 
@@ -87,8 +88,8 @@ def test_node_refuses_secure_rounds_its_policy_does_not_allow(tmp_path, case, re
 
     run = RunConfig.from_flower({"model": "cnn", "image-size": 64, "dp-mode": "distributed", "batch-size": 4,
                                  "dp": case != "dp off"})
-    node = NodeConfig.from_flower({"data-dir": str(tmp_path / "data"), "state-dir": str(tmp_path / "state")},
-                                  run=run)
+    node = NodeConfig.from_flower({"data-dir": str(tmp_path / "data"), "state-dir": str(tmp_path / "state"),
+                                   "max-epsilon": 5.0}, run=run)
     weights = exchanged_weights(build_model(run.model_config()))
     participants, threshold = 5, {"threshold below the policy": 3, "threshold of one": 1}.get(case, 4)
     sized = secure_sum_range(participants=participants, batch_size=4, parameters=sum(v.size for v in weights.values()),

@@ -140,7 +140,7 @@ def test_hospitals_data_read_only_and_distinct(compose):
         assert source == f"${{HOSPITAL_{name[-1].upper()}_DATA:-./deploy/data/{name}}}"
         sources.add(source)
         assert Path(node_config["manifest"]).parent == Path(data_target)
-        assert resolved.max_epsilon == 8.0
+        assert resolved.policy.max_epsilon == 8.0 and resolved.policy.require_tls
         # its own state on its own named volume, writable (ledger and cache)
         state_source, state_ro = mounts[node_config["state-dir"]]
         assert state_source == f"{name}-state" and state_source in compose["volumes"] and not state_ro

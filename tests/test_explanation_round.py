@@ -12,6 +12,7 @@ from client.explanation_round import explain_images, explainable_images
 from common import wire
 from common.explanations import explain, explainable, mass_inside, pointing_game, random_baseline
 from common.models import InferenceModel, LabelledImage, build_model
+from common.node_policy import NodePolicy
 from common.run_config import NodeConfig, RunConfig
 
 
@@ -51,7 +52,7 @@ def test_counts_are_the_sums_of_the_per_image_scores_and_files_stay_in_the_state
                        "image-0001-grad_cam.png", "results.json"]
     results = json.loads((tmp_path / "explanations" / "run-7" / "results.json").read_text())
     assert [r["label"] for r in results["images"]] == ["malignant", "benign"]
-    node = NodeConfig(data_dir=tmp_path, state_dir=tmp_path, max_epsilon=1.0)
+    node = NodeConfig(data_dir=tmp_path, state_dir=tmp_path, policy=NodePolicy(max_epsilon=1.0))
     reply = explanation_reply_metrics(tally, node)
     assert reply[wire.EXPLAINED_IMAGES] == 2
     assert reply[wire.explain_key("grad_cam", "hits")] == tally.hits["grad_cam"]

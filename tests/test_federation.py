@@ -18,6 +18,7 @@ from flwr.app import MessageType
 from client.app import make_client_app
 from client.hospital_data import held_out_test_set
 from common.bundle import load_bundle
+from common.signing import TrustedKeys
 from common.evaluation import evaluate_model
 from server.app import make_server_app
 from server.run_directory import load_metrics, outcome_entry
@@ -98,12 +99,14 @@ def test_federation_survives_a_crash_resumes_and_respects_budgets(mias_dir, tmp_
               "min-train-replies": 1, "min-evaluate-replies": 1, "round-timeout": 300.0,
               "sim-data-dir": str(mias_dir), "sim-state-dir": str(state), "sim-max-patients": 12,
               "sim-test-fraction": 0.25, "val-fraction": 0.25, "run-dir": str(run_dir)}
-    _simulate(config, mods=[crash_hospital_1_in_round_2])
+    clear = {0: {"evaluation": "clear"}, 1: {"evaluation": "clear"}}  # exact counts, checked against local tallies
+    _simulate(config, mods=[crash_hospital_1_in_round_2], node_overrides=clear)
 
     first = load_metrics(run_dir)
     assert first["status"] == "completed" and first["error"] is None
     assert [r["round"] for r in first["rounds"]] == [1, 2]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.npz", "round-0002.npz"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "round-0001.npz", "round-0001.npz.sig", "round-0002.npz", "round-0002.npz.sig"]
     round1, round2 = first["rounds"]
     assert (round1["replies"]["train"]["valid"], round1["replies"]["train"]["failed"]) == (2, 0)
     assert (round2["replies"]["train"]["valid"], round2["replies"]["train"]["failed"]) == (1, 1)
@@ -123,12 +126,16 @@ def test_federation_survives_a_crash_resumes_and_respects_budgets(mias_dir, tmp_
     eps_run1 = _ledger_epsilons(hospital0_ledger)
     assert len(eps_run1) == 2 and eps_run1[0] < eps_run1[1] == pytest.approx(first["privacy"]["partition-0"]
                                                                               ["epsilon"])
-    model, meta = load_bundle(run_dir / "model.mammofl")
+    trusted = TrustedKeys.read(run_dir / "signing" / "trusted.pub")  # the key this simulation made for itself
+    assert first["signing"]["generated"] and first["signing"]["key"] in trusted
+    model, meta = load_bundle(run_dir / "model.mammofl", trusted=trusted)
     assert meta.model_config.kind == "cnn" and meta.preprocess_config.size == 64
+    assert meta.provenance.round == 2 and meta.provenance.epsilon == {
+        h: p["epsilon"] for h, p in first["privacy"].items()}
     _check_operating_point_explanations_and_report(first, run_dir, state, meta)
 
     resumed = {**config, "num-server-rounds": 3, "run-dir": "", "resume": str(run_dir)}
-    _simulate(resumed, node_overrides={1: {"max-epsilon": 0.01}})
+    _simulate(resumed, node_overrides={**clear, 1: {"evaluation": "clear", "max-epsilon": 0.01}})
 
     second = load_metrics(run_dir)
     assert second["status"] == "completed"
@@ -145,5 +152,7 @@ def test_federation_survives_a_crash_resumes_and_respects_budgets(mias_dir, tmp_
     assert round3["epsilon_max"] > round1["epsilon_max"]
     assert second["privacy"]["partition-1"]["refusals"] == 1
     assert len(_ledger_epsilons(state / "hospital-1" / "privacy-ledger.json")) == 1  # trained in round 1 only
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == "round-0003.npz"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-2:] == ["round-0003.npz",
+                                                                                "round-0003.npz.sig"]
+    assert second["signing"]["key"] == first["signing"]["key"]  # the resumed run signs with the run's key
     assert second["final"]["round"] == 3

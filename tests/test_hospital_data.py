@@ -97,9 +97,9 @@ def test_simulation_hospitals_and_test_set_never_share_a_patient(mias_dir, tmp_p
 
 def test_deployment_node_reads_a_mias_folder_or_refuses_a_plain_one(mias_dir, tmp_path):
     run = RunConfig()
-    node = NodeConfig.from_flower({"data-dir": str(mias_dir), "state-dir": str(tmp_path)}, run=run)
+    node = NodeConfig.from_flower({"data-dir": str(mias_dir), "state-dir": str(tmp_path), "max-epsilon": 8}, run=run)
     assert len(hospital_records(node, run)) == 322
-    empty = NodeConfig.from_flower({"data-dir": str(tmp_path), "state-dir": str(tmp_path)}, run=run)
+    empty = NodeConfig.from_flower({"data-dir": str(tmp_path), "state-dir": str(tmp_path), "max-epsilon": 8}, run=run)
     with pytest.raises(HospitalDataError, match="not a mini-MIAS folder .* 'manifest' is not set"):
         hospital_records(empty, run)
 

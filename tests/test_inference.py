@@ -15,6 +15,7 @@ from common.operating_point import OperatingPoint
 from common.preprocessing import Geometry, PreprocessConfig, preprocess
 from common.run_config import RunConfig
 from common.weights import exchanged_weights
+from signed_files import TRUSTED, bundle_signature, resign
 
 
 def _phantom(height=300, width=200, side="right"):
@@ -62,12 +63,12 @@ def _bundle(tmp_path, threshold: float | None):
     info = {} if threshold is None else {"operating_point": OperatingPoint(
         threshold=threshold, rule="sensitivity", target=0.9, sensitivity=0.9, specificity=0.5, source="t").to_json()}
     meta = BundleMeta(model_config=run.model_config(), preprocess_config=PreprocessConfig(size=64), info=info)
-    return save_bundle(tmp_path / "m.mammofl", exchanged_weights(model), meta), model, meta
+    return save_bundle(tmp_path / "m.mammofl", exchanged_weights(model), meta, sign=bundle_signature()), model, meta
 
 
 def test_predictor_matches_the_model_and_decides_at_the_operating_point(tmp_path):
     path, model, meta = _bundle(tmp_path, threshold=0.0)
-    predictor = Predictor.from_bundle(path)
+    predictor = Predictor.from_bundle(path, trusted=TRUSTED)
     image = _phantom()
     prediction = predictor.predict_pixels(image)
     reference = InferenceModel(meta.model_config, model.eval())
@@ -85,7 +86,7 @@ def test_predictor_matches_the_model_and_decides_at_the_operating_point(tmp_path
 
 def test_predictor_without_operating_point_uses_argmax(tmp_path):
     path, _, _ = _bundle(tmp_path, threshold=None)
-    predictor = Predictor.from_bundle(path)
+    predictor = Predictor.from_bundle(path, trusted=TRUSTED)
     assert predictor.threshold is None
     probs = np.array([[0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
     assert predictor.decide(probs).tolist() == [1, 2]
@@ -98,5 +99,6 @@ def test_a_bundle_made_with_other_preprocessing_is_refused(tmp_path):
     meta["preprocess_fingerprint"] = "0" * 64
     payload["meta"] = json.dumps(meta)
     torch.save(payload, path)
+    resign(path)  # signed as made: the version check, not the signature, refuses it
     with pytest.raises(BundleError, match="another preprocessing algorithm"):
-        Predictor.from_bundle(path)
+        Predictor.from_bundle(path, trusted=TRUSTED)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from typer.testing import CliRunner
 from client.app_approval import AllowList, AllowListError, app_hash, fab_hash, read_allow_list
 from client.cli import app as hospital_cli
 from client.hospital_node import NodeOptions, NodeStartError, supernode_command
+from simulations.presets import PRESETS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -181,15 +183,15 @@ def _modified_app(release: Path, root: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_modified_app_is_refused_by_hash(tmp_path, mias_dir):
-    import test_deployment as loopback
+    import deployment_helpers as loopback
 
-    base_env = {**loopback.os.environ, "PATH": f"{loopback.BIN}:{loopback.os.environ.get('PATH', '')}",
+    base_env = {**os.environ, "PATH": f"{loopback.BIN}:{os.environ.get('PATH', '')}",
                 "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                 "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     procs = loopback.Processes(log_dir=tmp_path / "logs", base_env=base_env)
     procs.log_dir.mkdir()
     try:
-        port = loopback._free_port()
+        port = loopback.free_port()
         link = procs.start("superlink", [str(loopback.BIN / "flower-superlink"), "--insecure",
                                          "--database", str(tmp_path / "link.db"),
                                          "--disable-runtime-dependency-installation", "--isolation", "subprocess",
@@ -205,20 +207,20 @@ def test_a_modified_app_is_refused_by_hash(tmp_path, mias_dir):
         approved = app_hash(release)
         node = procs.start("node", [*loopback.HOSPITAL_CLI, "node", "--superlink", f"127.0.0.1:{port}",
                                     "--insecure-test-only", "--approved-app", approved,
-                                    "--runtime-port", str(loopback._free_port()),
-                                    "--node-config", loopback._node_config(folder, state, 50.0)],
+                                    "--runtime-port", str(loopback.free_port()),
+                                    "--node-config", loopback.node_config_text(folder, state, 50.0)],
                            home=tmp_path / "homes" / "node", cwd=tmp_path, env={"PYTHONPATH": str(REPO)})
-        assert loopback._wait_until(lambda: "SuperNode ID:" in node.output() or link.popen.poll() is not None
+        assert loopback.wait_until(lambda: "SuperNode ID:" in node.output() or link.popen.poll() is not None
                                     or node.popen.poll() is not None, 90), node.tail()
         assert node.popen.poll() is None and link.popen.poll() is None, node.tail() + link.tail()
 
         def run(app_dir: Path, name: str) -> dict:
-            smoke = {k: v for k, v in loopback.PRESETS["smoke"].overrides.items() if not k.startswith("sim-")}
+            smoke = {k: v for k, v in PRESETS["smoke"].overrides.items() if not k.startswith("sim-")}
             config = {**smoke, "min-nodes": 1, "min-train-replies": 1, "min-evaluate-replies": 1,
                       "round-timeout": 120.0, "dp-mode": "local", "explain-methods": "",
                       "run-dir": str(tmp_path / name)}
             rc, out = procs.run(f"flwr-run-{name}", [str(loopback.BIN / "flwr"), "run", str(app_dir), "loop",
-                                                     "--stream", "--run-config", loopback._run_config(config)],
+                                                     "--stream", "--run-config", loopback.run_config_text(config)],
                                 home=cli_home, cwd=tmp_path, timeout=300)
             rc, listing = procs.run("flwr-ls", [str(loopback.BIN / "flwr"), "ls", "loop", "--format", "json"],
                                     home=cli_home, cwd=tmp_path, timeout=60)

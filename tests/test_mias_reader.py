@@ -155,11 +155,11 @@ SYNTHETIC_INFO = (
     "mdb003 D NORM \r\n"
     "mdb004 D CALC M *NOTE 3* \r\n"
     "mdb004 D CALC B 10 20 5   \r\n"
-    "  mdb999 indented lines are prose\r\n"
+    " \tmdb005 F NORM \r\n"  # an indented row is a row
 )
 
 
-def test_parse_trailing_spaces_crlf_notes_and_prose():
+def test_parse_trailing_spaces_crlf_notes_and_indented_rows():
     text = SYNTHETIC_INFO.replace("mdb rows follow; prose lines such as this one start with 'mdb ' too\r\n", "")
     rows = parse_info(text)
     assert [(r.line, r.refnum, r.abnormality, r.severity, r.x, r.y, r.radius, r.note) for r in rows] == [
@@ -168,6 +168,7 @@ def test_parse_trailing_spaces_crlf_notes_and_prose():
         (5, "mdb003", "NORM", None, None, None, None, None),
         (6, "mdb004", "CALC", "M", None, None, None, "*NOTE 3*"),
         (7, "mdb004", "CALC", "B", 10, 20, 5, None),
+        (8, "mdb005", "NORM", None, None, None, None, None),
     ]
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bench import data_path, grad_sample_modes
+import json
+
+from bench import data_path, fuzz, grad_sample_modes
 
 
 def test_dp_cost_separates_steps_from_calls_and_reports_memory():
@@ -18,3 +20,13 @@ def test_data_path_fills_both_caches_once(mias_dir, tmp_path):
     assert len(list((tmp_path / "preprocessed").rglob("*.npz"))) == 3
     assert all(result[f"{stage}_{phase}_s"] > 0 for stage in ("preprocess", "features")
                for phase in ("first", "cached"))
+
+
+def test_fuzz_bench_counts_outcomes_and_writes_its_json(tmp_path):
+    out = tmp_path / "fuzz.json"
+    result = fuzz.main(["--inputs", "60", "--seed", "3", "--out", str(out), "--memory-gb", "0"])
+    assert json.loads(out.read_text()) == result
+    assert result["inputs"] == 60 and sum(result["outcomes"].values()) == 60
+    assert result["uncaught"] == sum(result["uncaught_by_type"].values())
+    assert {key.split(":")[0] for key in result["outcomes"]} <= set(fuzz.KINDS)
+    assert result["command"] == "python -m bench.fuzz --inputs 60 --seed 3 --out " + str(out) + " --memory-gb 0"

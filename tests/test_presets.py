@@ -93,9 +93,12 @@ def test_presets_are_read_only():
 
 @pytest.mark.parametrize("name", ["demo", "full"])
 def test_a_full_run_stays_within_every_hospital_s_default_budget(mias_dir, name):
-    """Planned from the real split: every round of the preset fits under max-epsilon (no hospital refuses)."""
+    """Planned from the real split: every round of the preset, its noised evaluations and the explanation query fit
+    under the virtual hospitals' max-epsilon (no hospital refuses)."""
     from client.hospital_data import simulation_partition, split_train_val
     from client.node import secure_train_config
+    from client.preflight import planned_evaluations
+    from common.node_policy import NodePolicy
     from client.training import plan_dp_round
     from common.distributed_dp import reconstruction_threshold
     from common.privacy import PrivacyAccountant
@@ -107,14 +110,17 @@ def test_a_full_run_stays_within_every_hospital_s_default_budget(mias_dir, name)
     for k in range(sim.num_hospitals):
         records = simulation_partition(mias_dir, run, partition_id=k, num_partitions=sim.num_hospitals)
         train, _ = split_train_val(records, val_fraction=run.val_fraction, seed=run.seed)
-        summed, own = PrivacyAccountant(run.accountant), PrivacyAccountant(run.accountant)
+        policy = NodePolicy(max_epsilon=run.sim_max_epsilon)
+        summed, own = PrivacyAccountant(policy.accountant), PrivacyAccountant(policy.accountant)
         for rnd in range(1, run.num_server_rounds + 1):
             plan = plan_dp_round(len(train), config=secure_train_config(run, server_round=rnd, threshold=threshold))
             assert plan.steps == 1 and plan.noise_multiplier == pytest.approx(run.noise_multiplier / threshold ** 0.5)
             summed.step(noise_multiplier=run.noise_multiplier, sample_rate=plan.sample_rate, steps=1)
             own.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=1)
-        epsilon = summed.epsilon(run.delta)
-        assert epsilon < 0.9 * run.max_epsilon, (k, epsilon)
-        assert own.epsilon(run.delta) > run.max_epsilon  # why the preset's hospitals opt in to the trust assumption
+        assert own.epsilon(run.delta) > run.sim_max_epsilon  # why the preset's hospitals opt in to the trust assumption
         if name == "demo":
-            assert epsilon == pytest.approx(7.51, abs=0.01), k  # 61-80 training images, q = 1/4, 80 steps, sigma 1.75
+            assert summed.epsilon(run.delta) == pytest.approx(7.51, abs=0.01), k  # q = 1/4, 80 steps, sigma 1.75
+        releases = planned_evaluations(run) + 1  # noised evaluations and the explanation query
+        summed.step(noise_multiplier=policy.evaluation_noise_multiplier, sample_rate=1.0, steps=releases)
+        epsilon = summed.epsilon(run.delta)
+        assert epsilon < 0.9 * run.sim_max_epsilon, (k, epsilon)

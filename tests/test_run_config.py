@@ -54,19 +54,21 @@ def test_command_line_assignments_are_typed():
         RunConfig.parse_assignments(["lrr=1"])
 
 
-def test_deployment_node_needs_its_data_and_state_dirs(tmp_path):
-    run = RunConfig(max_epsilon=8.0)
-    node = NodeConfig.from_flower({"data-dir": str(tmp_path / "d"), "state-dir": str(tmp_path / "s")}, run=run)
-    assert (node.data_dir, node.state_dir, node.max_epsilon, node.is_simulation) == \
+def test_deployment_node_needs_its_data_and_state_dirs_and_its_own_budget(tmp_path):
+    run = RunConfig()
+    node = NodeConfig.from_flower({"data-dir": str(tmp_path / "d"), "state-dir": str(tmp_path / "s"),
+                                   "max-epsilon": 8}, run=run)
+    assert (node.data_dir, node.state_dir, node.policy.max_epsilon, node.is_simulation) == \
         (tmp_path / "d", tmp_path / "s", 8.0, False)
+    assert node.policy.require_tls and node.policy.evaluation == "noised"
     assert node.ledger_path == tmp_path / "s" / "privacy-ledger.json"
-    own_budget = NodeConfig.from_flower({"data-dir": "/d", "state-dir": "/s", "max-epsilon": 3}, run=run)
-    assert own_budget.max_epsilon == 3.0
+    with pytest.raises(ConfigError, match="node config 'max-epsilon' is required"):
+        NodeConfig.from_flower({"data-dir": "/d", "state-dir": "/s"}, run=run)
     with pytest.raises(ConfigError, match="node config 'state-dir' is required"):
-        NodeConfig.from_flower({"data-dir": "/d"}, run=run)
+        NodeConfig.from_flower({"data-dir": "/d", "max-epsilon": 3}, run=run)
     with pytest.raises(ConfigError, match="unknown node config key 'data_dir' .did you mean 'data-dir'"):
         NodeConfig.from_flower({"data_dir": "/d", "state-dir": "/s"}, run=run)
-    with pytest.raises(ConfigError, match="node config 'max-epsilon' must be a number > 0"):
+    with pytest.raises(ConfigError, match="node config 'max-epsilon' must be > 0"):
         NodeConfig.from_flower({"data-dir": "/d", "state-dir": "/s", "max-epsilon": 0}, run=run)
 
 
@@ -74,7 +76,9 @@ def test_simulation_node_takes_data_and_state_from_the_run(tmp_path):
     run = RunConfig(sim_data_dir=str(tmp_path / "mias"), sim_state_dir=str(tmp_path / "state"))
     node = NodeConfig.from_flower({"partition-id": 1, "num-partitions": 3}, run=run)
     assert (node.data_dir, node.state_dir) == (tmp_path / "mias", tmp_path / "state" / "hospital-1")
-    assert node.is_simulation and node.max_epsilon == 10.0
+    assert node.is_simulation and node.policy.max_epsilon == 10.0 and not node.policy.require_tls
+    assert NodeConfig.from_flower({"partition-id": 1, "num-partitions": 3}, run=run.updated(sim_max_epsilon=4.0)) \
+        .policy.max_epsilon == 4.0
     with pytest.raises(ConfigError, match="'partition-id' must be in \\[0, 3\\), got 3"):
         NodeConfig.from_flower({"partition-id": 3, "num-partitions": 3}, run=run)
     with pytest.raises(ConfigError, match="run config 'sim-state-dir' is required in simulation"):
@@ -119,17 +123,15 @@ def test_distributed_noise_mode_and_the_node_s_policy_for_it(tmp_path):
     with pytest.raises(ConfigError, match="'dp-mode': must be one of auto, local, distributed"):
         RunConfig.from_flower({"dp-mode": "shared"})
     run = RunConfig.from_flower({"sim-budget-on-aggregate": True, "secagg-dropouts": 2})
-    deployed = NodeConfig.from_flower({"data-dir": str(tmp_path), "state-dir": str(tmp_path)}, run=run)
-    assert (deployed.budget_on_aggregate, deployed.secagg_max_dropouts) == (False, 1)  # the node's own defaults
+    own = {"data-dir": str(tmp_path), "state-dir": str(tmp_path), "max-epsilon": 8}
+    deployed = NodeConfig.from_flower(own, run=run)
+    assert (deployed.policy.budget_on_aggregate, deployed.policy.secagg_max_dropouts) == (False, 1)  # node's own
     simulated = NodeConfig.from_flower({"partition-id": 0, "num-partitions": 3, "data-dir": str(tmp_path),
                                         "state-dir": str(tmp_path)}, run=run)
-    assert (simulated.budget_on_aggregate, simulated.secagg_max_dropouts) == (True, 2)
-    opted = NodeConfig.from_flower({"data-dir": str(tmp_path), "state-dir": str(tmp_path),
-                                    "budget-on-aggregate": True, "secagg-max-dropouts": 0}, run=run)
-    assert (opted.budget_on_aggregate, opted.secagg_max_dropouts) == (True, 0)
+    assert (simulated.policy.budget_on_aggregate, simulated.policy.secagg_max_dropouts) == (True, 2)
+    opted = NodeConfig.from_flower({**own, "budget-on-aggregate": True, "secagg-max-dropouts": 0}, run=run)
+    assert (opted.policy.budget_on_aggregate, opted.policy.secagg_max_dropouts) == (True, 0)
     with pytest.raises(ConfigError, match="node config 'budget-on-aggregate': expected true or false"):
-        NodeConfig.from_flower({"data-dir": str(tmp_path), "state-dir": str(tmp_path), "budget-on-aggregate": 1},
-                               run=run)
+        NodeConfig.from_flower({**own, "budget-on-aggregate": 1}, run=run)
     with pytest.raises(ConfigError, match="node config 'secagg-max-dropouts' must be >= 0"):
-        NodeConfig.from_flower({"data-dir": str(tmp_path), "state-dir": str(tmp_path), "secagg-max-dropouts": -1},
-                               run=run)
+        NodeConfig.from_flower({**own, "secagg-max-dropouts": -1}, run=run)

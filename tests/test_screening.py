@@ -36,6 +36,7 @@ from common.overlay import CIRCLE_COLOUR
 from common.preprocessing import PreprocessConfig
 from common.records import CLASS_NAMES
 from common.weights import exchanged_weights
+from signed_files import TRUSTED, bundle_signature, resign
 from simulations.presets import resolve
 
 POINT = OperatingPoint(threshold=0.3, rule="sensitivity", target=0.9, sensitivity=0.9, specificity=0.4,
@@ -49,7 +50,8 @@ def make_bundle(path: Path, config: ModelConfig, preprocess: PreprocessConfig, *
                 seed: int = 0) -> Path:
     torch.manual_seed(seed)
     info = {"operating_point": point.to_json()} if point is not None else {}
-    return save_bundle(path, exchanged_weights(build_model(config)), BundleMeta(config, preprocess, info=info))
+    return save_bundle(path, exchanged_weights(build_model(config)), BundleMeta(config, preprocess, info=info),
+                       sign=bundle_signature())
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ def png(path: Path) -> np.ndarray:
 
 
 def test_mini_mias_subset_matches_the_inference_path(tmp_path, mias_subset, cnn_bundle):
-    predictor = Predictor.from_bundle(cnn_bundle)
+    predictor = Predictor.from_bundle(cnn_bundle, trusted=TRUSTED)
     done = []
     summary = screen(predictor, [mias_subset], tmp_path / "out", batch_size=2, progress=done.append)
     rows = read_predictions(tmp_path / "out" / "predictions.csv")
@@ -119,7 +121,7 @@ def test_mini_mias_subset_matches_the_inference_path(tmp_path, mias_subset, cnn_
 def test_argmax_without_operating_point_and_no_heatmaps(tmp_path, mias_dir):
     bundle = make_bundle(tmp_path / "argmax.mammofl", ModelConfig(kind="cnn", image_size=64),
                          PreprocessConfig(size=64), point=None, seed=3)
-    predictor = Predictor.from_bundle(bundle)
+    predictor = Predictor.from_bundle(bundle, trusted=TRUSTED)
     files = [mias_dir / "mdb006.png", mias_dir / "mdb008.png", mias_dir / "mdb006.png"]  # one file given twice
     summary = screen(predictor, files, tmp_path / "out", heatmaps=False)
     rows = read_predictions(tmp_path / "out" / "predictions.csv")
@@ -149,7 +151,7 @@ def test_csv_schema_round_trip(tmp_path):
 
 
 def test_output_is_refused_replaced_and_inputs_checked(tmp_path, mias_dir, cnn_bundle):
-    predictor = Predictor.from_bundle(cnn_bundle)
+    predictor = Predictor.from_bundle(cnn_bundle, trusted=TRUSTED)
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("x")
@@ -164,6 +166,13 @@ def test_output_is_refused_replaced_and_inputs_checked(tmp_path, mias_dir, cnn_b
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
 
 
+def public_key(folder: Path) -> Path:
+    """The tests' public key as a hospital receives it (trusted.pub)."""
+    path = folder / "trusted.pub"
+    path.write_bytes(TRUSTED.to_pem())
+    return path
+
+
 def _tampered(tmp_path: Path, bundle: Path, **changes) -> Path:
     payload = torch.load(bundle, weights_only=True)
     meta = json.loads(payload["meta"])
@@ -176,7 +185,7 @@ def _tampered(tmp_path: Path, bundle: Path, **changes) -> Path:
     payload["meta"] = json.dumps(meta)
     path = tmp_path / f"tampered-{len(list(tmp_path.iterdir()))}.mammofl"
     torch.save(payload, path)
-    return path
+    return resign(path)  # signed as it now is: what is refused here is the content, not the signature
 
 
 def test_cli_refuses_bundles_it_cannot_use(tmp_path, mias_dir, cnn_bundle):
@@ -184,16 +193,16 @@ def test_cli_refuses_bundles_it_cannot_use(tmp_path, mias_dir, cnn_bundle):
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     cases = {
-        foreign: "format None, expected 'mammofl-bundle/1'",
+        resign(foreign): "format None, expected 'mammofl-bundle/1'",
         _tampered(tmp_path, cnn_bundle, preprocess_fingerprint="0" * 64): "made with another preprocessing",
         _tampered(tmp_path, cnn_bundle, preprocess_config__gamma=2.0): "fields this version does not know",
-        mias_dir / "Info.txt": "not a MammoFL bundle",
     }
     runner = CliRunner()
     for bundle, message in cases.items():
         with pytest.raises(BundleError):
-            Predictor.from_bundle(bundle)
-        result = runner.invoke(app, ["screen", "--model", str(bundle), image, "--out", str(tmp_path / "o")])
+            Predictor.from_bundle(bundle, trusted=TRUSTED)
+        result = runner.invoke(app, ["screen", "--model", str(bundle), "--public-key", str(public_key(tmp_path)),
+                                     image, "--out", str(tmp_path / "o")])
         assert result.exit_code == 2, result.output
         assert "cannot use the model" in result.stderr and message in " ".join(result.stderr.split())
         assert not (tmp_path / "o").exists()
@@ -201,7 +210,8 @@ def test_cli_refuses_bundles_it_cannot_use(tmp_path, mias_dir, cnn_bundle):
 
 def test_cli_json_exit_codes_and_table(tmp_path, mias_dir, dicom_dir, cnn_bundle):
     runner = CliRunner()
-    args = ["screen", "--model", str(cnn_bundle), str(mias_dir / "mdb002.png"), str(dicom_dir / "CT1_J2KI"),
+    args = ["screen", "--model", str(cnn_bundle), "--public-key", str(public_key(tmp_path)),
+            str(mias_dir / "mdb002.png"), str(dicom_dir / "CT1_J2KI"),
             "--out", str(tmp_path / "o"), "--batch-size", "1"]
     result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.stderr
@@ -216,11 +226,12 @@ def test_cli_json_exit_codes_and_table(tmp_path, mias_dir, dicom_dir, cnn_bundle
     table = runner.invoke(app, [*args, "--overwrite"], env={"COLUMNS": "200"})
     assert table.exit_code == 0, table.stderr
     assert "scored: 1 of 2 files, skipped: 1" in table.stdout and "files not scored" in table.stdout
-    missing = runner.invoke(app, ["screen", "--model", str(cnn_bundle), str(tmp_path / "nope.dcm"), "--out",
-                                  str(tmp_path / "o2")])
+    missing = runner.invoke(app, ["screen", "--model", str(cnn_bundle), "--public-key", str(public_key(tmp_path)),
+                                  str(tmp_path / "nope.dcm"), "--out", str(tmp_path / "o2")])
     assert missing.exit_code == 2 and f"no such file or folder: {tmp_path / 'nope.dcm'}" in missing.stderr
-    no_model = runner.invoke(app, ["screen", "--model", str(tmp_path / "none.mammofl"), str(mias_dir / "mdb002.png"),
-                                   "--out", str(tmp_path / "o2")])
+    no_model = runner.invoke(app, ["screen", "--model", str(tmp_path / "none.mammofl"), "--public-key",
+                                   str(public_key(tmp_path)), str(mias_dir / "mdb002.png"), "--out",
+                                   str(tmp_path / "o2")])
     assert no_model.exit_code == 2 and "no such model bundle" in no_model.stderr
 
 
@@ -229,8 +240,8 @@ def test_dicom_folder_with_the_demo_model(tmp_path, dicom_dir, demo_bundle):
     """The 4 mammograms scored with their header's laterality and view, every other file with the reason
     check-data gives; 17 rows in all (15 DICOM files + INVENTORY.md + SHA256SUMS)."""
     runner = CliRunner()
-    result = runner.invoke(app, ["screen", "--model", str(demo_bundle), str(dicom_dir), "--out", str(tmp_path / "o"),
-                                 "--json"])
+    result = runner.invoke(app, ["screen", "--model", str(demo_bundle), "--public-key", str(public_key(tmp_path)),
+                                 str(dicom_dir), "--out", str(tmp_path / "o"), "--json"])
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     rows = {Path(row.file).name: row for row in read_predictions(tmp_path / "o" / "predictions.csv")}
@@ -239,7 +250,7 @@ def test_dicom_folder_with_the_demo_model(tmp_path, dicom_dir, demo_bundle):
     assert scored == MAMMOGRAMS
     expected_reasons = {item.file: item.reason for item in scan_folder(dicom_dir).skipped}
     assert {name: row.reason for name, row in rows.items() if row.status == SKIPPED} == expected_reasons
-    predictor = Predictor.from_bundle(demo_bundle)
+    predictor = Predictor.from_bundle(demo_bundle, trusted=TRUSTED)
     decoded = read_image(dicom_dir / "1-282.dcm")
     reference = predictor.predict_pixels(decoded.pixels, breast_side=decoded.breast_side)
     np.testing.assert_allclose(rows["1-282.dcm"].probabilities, reference.probabilities, rtol=0, atol=5e-7)
@@ -249,7 +260,7 @@ def test_dicom_folder_with_the_demo_model(tmp_path, dicom_dir, demo_bundle):
 
 @pytest.mark.slow
 def test_whole_mini_mias(tmp_path, mias_dir, cnn_bundle):
-    summary = screen(Predictor.from_bundle(cnn_bundle), [mias_dir], tmp_path / "o", batch_size=16)
+    summary = screen(Predictor.from_bundle(cnn_bundle, trusted=TRUSTED), [mias_dir], tmp_path / "o", batch_size=16)
     rows = read_predictions(tmp_path / "o" / "predictions.csv")
     assert (summary.n_files, summary.n_scored) == (325, 322)
     assert [Path(r.file).name for r in rows if r.status == SKIPPED] == ["Info.txt", "Licence.txt", "SHA256SUMS.pgm"]

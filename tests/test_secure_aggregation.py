@@ -151,7 +151,10 @@ def test_three_hospitals_secure_rounds_reveal_only_the_sum(mias_dir, tmp_path, c
     train, _ = split_train_val(records, val_fraction=config.val_fraction, seed=config.seed)
     rate = 1 / math.ceil(len(train) / config.batch_size)
     two, three = (PrivacyAccountant(history=[(share, rate, k)]).epsilon(DELTA) for k in (2, 3))
-    budget = {1: {"max-epsilon": (two + three) / 2}}  # hospital 1 can afford rounds 1 and 2, not 3
+    # Hospital 1 can afford rounds 1 and 2, not 3. Evaluations are released in clear here (noised ones are tested in
+    # tests/test_node_policy.py), so the ledgers hold the training rounds only.
+    clear_evaluation = {"evaluation": "clear"}
+    budget = {0: clear_evaluation, 1: {**clear_evaluation, "max-epsilon": (two + three) / 2}, 2: clear_evaluation}
     replies: list = []
 
     def central(run):

@@ -63,10 +63,13 @@ def check_contract(run_dir: Path, *, rounds: int, test_images: int, bundle: bool
 
 
 def load_bundle_without_flower(bundle: Path) -> dict:
-    """Load a bundle in a fresh interpreter and score it on a blank image; Flower must stay unimported."""
+    """Load a bundle in a fresh interpreter (verified against the key the simulation made in its run directory) and
+    score it on a blank image; Flower must stay unimported."""
     code = ("import json, sys, torch\n"
             "from common.bundle import load_bundle\n"
-            f"model, meta = load_bundle({str(bundle)!r})\n"
+            "from common.signing import TrustedKeys\n"
+            f"trusted = TrustedKeys.read({str(bundle.parent / 'signing' / 'trusted.pub')!r})\n"
+            f"model, meta = load_bundle({str(bundle)!r}, trusted=trusted)\n"
             "x = torch.zeros(2, 1, meta.model_config.image_size, meta.model_config.image_size)\n"
             "print(json.dumps({'shape': list(model(x).shape), 'kind': meta.model_config.kind,\n"
             "                  'classes': list(meta.class_names), 'flwr': 'flwr' in sys.modules}))\n")
@@ -163,6 +166,10 @@ def test_smoke_federation_writes_the_run_directory_contract(mias_dir, tmp_path, 
     assert entry["epsilon_max"] == max(p["epsilon"] for p in document["privacy"].values())
     assert (out / "checkpoints" / "round-0001.npz").is_file()
     assert document["simulation"] == {"preset": "smoke", "num-hospitals": 2, "mode": "federated"}
+    audit = document["membership_inference"]  # default gate off: reported, the model released
+    assert (audit["members"], audit["non_members"]) == (SMOKE_TEST_IMAGES, SMOKE_TEST_IMAGES)
+    assert audit["gate"] == {"max_attack_advantage": 0.0, "enabled": False, "passed": True}
+    assert f"membership inference: attack advantage {audit['advantage']:.3f}" in done.stdout
     side = json.loads((out / "simulation.json").read_text())
     assert side["num-hospitals"] == 2 and side["mode"] == "federated" and side["preset"] == "smoke"
     assert [h["n_images"] for h in side["partitions"]["hospitals"]] == [12, 12]
@@ -199,6 +206,9 @@ def test_smoke_local_baseline_writes_the_contract_per_hospital_and_overall(mias_
         assert top["final"]["per_hospital"][f"partition-{k}"]["accuracy"] == sub["final"]["accuracy"]
         assert (out / f"hospital-{k}" / "model.mammofl").is_file()
         assert f"model bundle:  {out / f'hospital-{k}' / 'model.mammofl'}" in done.stdout
+    audits = top["membership_inference"]["per_hospital"]  # each hospital's model vs its own training split
+    assert set(audits) == {"hospital-0", "hospital-1"}
+    assert top["membership_inference"]["advantage"] == max(a["advantage"] for a in audits.values())
     mean = sum(top["final"]["per_hospital"][f"partition-{k}"]["accuracy"] for k in (0, 1)) / 2
     assert top["final"]["accuracy"] == pytest.approx(mean)
 
@@ -210,7 +220,7 @@ def test_a_federation_that_loses_its_hospitals_fails_loudly_and_resumes(mias_dir
     growing (the hospitals' ledgers live on their own disks)."""
     out = tmp_path / "interrupted"
     done = sim("run", "--preset", "smoke", "--data-dir", str(mias_dir), "--out", str(out), "--no-live",
-               "--set", "num-server-rounds=2", "--set", "max-epsilon=6")
+               "--set", "num-server-rounds=2", "--set", "sim-max-epsilon=6")
     assert done.returncode == 1, done.stderr[-4000:]
     assert "federated run failed" in done.stderr
     assert "privacy budget would exceed max-epsilon 6" in done.stderr
@@ -220,12 +230,13 @@ def test_a_federation_that_loses_its_hospitals_fails_loudly_and_resumes(mias_dir
     first_epsilon = failed["rounds"][0]["epsilon_max"]
     assert 0 < first_epsilon < 6
 
-    resumed = sim("run", "--resume", str(out), "--no-live", "--set", "max-epsilon=10")
+    resumed = sim("run", "--resume", str(out), "--no-live", "--set", "sim-max-epsilon=10")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     document = json.loads((out / "metrics.json").read_text())
     assert document["status"] == "completed" and [r["round"] for r in document["rounds"]] == [1, 2]
     assert document["resumed"][0]["from_round"] == 1
     assert document["simulation"]["mode"] == "federated"
     assert document["rounds"][1]["epsilon_max"] > first_epsilon
-    assert document["config"]["max-epsilon"] == 10.0
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0001.npz", "round-0002.npz"]
+    assert document["config"]["sim-max-epsilon"] == 10.0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "round-0001.npz", "round-0001.npz.sig", "round-0002.npz", "round-0002.npz.sig"]

@@ -2,8 +2,10 @@
 
 Steps: read the bytes; parse only `NEEDED_TAGS` (pydicom); refuse truncated or corrupt files, files without pixel
 data and images that are not breast images; check the pixel description (grayscale, one frame, 8 or 16 bits
-allocated); decode (pydicom with the pylibjpeg plugins: RLE, JPEG 2000, JPEG baseline / extended / lossless);
-turn stored values into [0, 1] with `common.pixel_transforms`; keep laterality, view and breast side.
+allocated, Rows x Columns x NumberOfFrames x bytes per sample within `max_image_bytes`, a compressed frame's own
+declared size equal to the header's, finite rescale and window values); decode (pydicom with the pylibjpeg plugins: RLE, JPEG 2000, JPEG baseline / extended / lossless);
+turn stored values into [0, 1] with `common.pixel_transforms` and refuse non-finite results; keep laterality, view
+and breast side. A decoder that panics (`base.is_decoder_panic`) gives a reason like any other decoder error.
 
 Sequential JPEG frames whose scan header has Se != 63 (non-conformant, refused by every common decoder) are
 repaired in a copy and decoded with pylibjpeg-libjpeg (see `jpeg_sos`). Multi-frame images (e.g. breast
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,15 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit
 
 from client.readers import dicom_header
-from client.readers.base import DecodedImage, UnreadableImage
+from client.readers.base import (
+    MAX_IMAGE_BYTES,
+    DecodedImage,
+    UnreadableImage,
+    check_declared_size,
+    is_decoder_panic,
+    require_finite,
+)
+from client.readers.codestream_size import codestream_size
 from client.readers.jpeg_sos import repair_sequential_scan
 from common.pixel_transforms import LookupTable, PixelHeader, to_unit_intensity
 
@@ -40,31 +51,43 @@ _PIXEL_DATA = 0x7FE00010
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
-def read_dicom(path: Path) -> DecodedImage:
-    """Read one DICOM mammogram; raise `UnreadableImage(reason)` for anything that cannot be used."""
+def read_dicom(path: Path, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> DecodedImage:
+    """Read one DICOM mammogram; raise `UnreadableImage(reason)` for anything that cannot be used.
+
+    `max_image_bytes` caps what the header may declare (see `base.check_declared_size`)."""
     data = _read_bytes(Path(path))
-    ds = _parse(data)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom's value and decoder warnings; refusals carry the reasons
-        return _decoded(ds)
+    try:
+        ds = _parse(data)
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")  # pydicom's value and decoder warnings; refusals carry the reasons
+            return _decoded(ds, max_image_bytes)
+    except UnreadableImage:
+        raise
+    except Exception as error:  # pydicom converts raw values lazily: any access may meet a corrupt one
+        logger.debug("DICOM file refused on %s", type(error).__name__)
+        raise UnreadableImage(f"corrupt DICOM data ({type(error).__name__})") from None
 
 
-def _decoded(ds: Dataset) -> DecodedImage:
+def _decoded(ds: Dataset, max_image_bytes: int) -> DecodedImage:
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
         raise UnreadableImage("floating-point pixel data (parametric map), not a mammogram")
     if "PixelData" not in ds:
         raise UnreadableImage("no pixel data (not an image object, or a file cut short before its pixel data)")
     try:
-        facts = _header_facts(ds)
+        facts = _header_facts(ds, max_image_bytes)
     except UnreadableImage:
         raise
     except Exception as error:  # a corrupt value of a needed attribute (wrong length, wrong multiplicity)
         raise UnreadableImage(f"unreadable header value ({type(error).__name__})") from None
-    stored = _decode(ds)
+    stored = _decode(ds, facts.shape)
     if stored.shape != facts.shape:
         raise UnreadableImage(f"decoded pixels are {stored.shape}, the header says {facts.shape}")
+    try:
+        pixels = to_unit_intensity(stored, facts.header)
+    except (ValueError, TypeError, OverflowError) as error:
+        raise UnreadableImage(f"unusable pixel transform in header: {error}") from None
     return DecodedImage(
-        pixels=to_unit_intensity(stored, facts.header),
+        pixels=require_finite(pixels, "pixel values after the modality and VOI transforms"),
         bits_stored=facts.header.bits_stored,
         laterality=facts.laterality,
         view=facts.view,
@@ -82,12 +105,12 @@ class _HeaderFacts:
     breast_side: str | None
 
 
-def _header_facts(ds: Dataset) -> _HeaderFacts:
+def _header_facts(ds: Dataset, max_image_bytes: int) -> _HeaderFacts:
     problem = dicom_header.breast_image_problem(ds)
     if problem:
         raise UnreadableImage(problem)
     return _HeaderFacts(
-        shape=_check_geometry(ds),
+        shape=_check_geometry(ds, max_image_bytes),
         header=_pixel_header(ds),
         laterality=dicom_header.laterality(ds),
         view=dicom_header.view(ds),
@@ -176,19 +199,21 @@ def _truncated_last_element(ds: Dataset) -> str | None:
     return f"truncated file: {what} has {len(element.value)} of {element.length} bytes"
 
 
-def _check_geometry(ds: Dataset) -> tuple[int, int]:
+def _check_geometry(ds: Dataset, max_image_bytes: int) -> tuple[int, int]:
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    allocated = int(ds.get("BitsAllocated") or 0)
+    dimensions = {"Rows": rows, "Columns": columns, "NumberOfFrames": frames}
+    check_declared_size("header", dimensions, max(1, -(-allocated // 8)), max_image_bytes)
     photometric = dicom_header.text_value(ds, "PhotometricInterpretation")
     samples = int(ds.get("SamplesPerPixel") or 1)
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         shown = dicom_header.printable(photometric)
         raise UnreadableImage(f"not a grayscale image (PhotometricInterpretation {shown})")
-    frames = int(ds.get("NumberOfFrames") or 1)
     if frames != 1:
         raise UnreadableImage(f"multi-frame image ({frames} frames, e.g. tomosynthesis): one 2-D mammogram per file")
-    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if rows <= 0 or columns <= 0:
         raise UnreadableImage("Rows / Columns missing or zero")
-    allocated = int(ds.get("BitsAllocated") or 0)
     if allocated not in (8, 16):
         raise UnreadableImage(f"BitsAllocated {allocated} (8 or 16 supported)")
     stored = int(ds.get("BitsStored") or 0)
@@ -203,12 +228,16 @@ def _pixel_header(ds: Dataset) -> PixelHeader:
         window_center, window_width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
         if window_center is None or window_width is None:
             window_center = window_width = None
+        for keyword, value in (("WindowCenter", window_center), ("WindowWidth", window_width)):
+            _require_finite_value(keyword, value)
+        slope = _require_finite_value("RescaleSlope", _first(ds.get("RescaleSlope")))
+        intercept = _require_finite_value("RescaleIntercept", _first(ds.get("RescaleIntercept")))
         return PixelHeader(
             photometric=str(ds.PhotometricInterpretation).strip().upper(),
             bits_stored=int(ds.BitsStored),
             signed=signed,
-            rescale_slope=float(ds.get("RescaleSlope", 1.0)),
-            rescale_intercept=float(ds.get("RescaleIntercept", 0.0)),
+            rescale_slope=1.0 if slope is None else slope,
+            rescale_intercept=0.0 if intercept is None else intercept,
             modality_lut=_lookup_table(ds, "ModalityLUTSequence", signed_input=signed),
             voi_lut=_lookup_table(ds, "VOILUTSequence", signed_input=signed),
             window_center=window_center,
@@ -217,6 +246,13 @@ def _pixel_header(ds: Dataset) -> PixelHeader:
         )
     except (ValueError, TypeError) as error:
         raise UnreadableImage(f"unusable pixel transform in header: {error}") from None
+
+
+def _require_finite_value(keyword: str, value: float | None) -> float | None:
+    """`value` unless it is NaN or infinite (such a value would make every pixel NaN)."""
+    if value is not None and not math.isfinite(value):
+        raise UnreadableImage(f"{keyword} is {value} (a finite number is required)")
+    return value
 
 
 def _first(value: object) -> float | None:
@@ -250,7 +286,7 @@ def _lookup_table(ds: Dataset, keyword: str, *, signed_input: bool) -> LookupTab
     return LookupTable.from_descriptor(descriptor, data, signed_input=signed_input)
 
 
-def _decode(ds: Dataset) -> np.ndarray:
+def _decode(ds: Dataset, shape: tuple[int, int]) -> np.ndarray:
     syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
     if not syntax:  # a bare data set: native pixel data in the encoding the parser found
         implicit, little_endian = ds.original_encoding
@@ -260,8 +296,11 @@ def _decode(ds: Dataset) -> np.ndarray:
         ds.file_meta.TransferSyntaxUID = syntax
     name = syntax.name
     try:
+        if syntax.is_encapsulated:
+            frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+            _check_codestream_size(frame, shape, name)
         if syntax in (JPEGBaseline8Bit, JPEGExtended12Bit):
-            repaired = repair_sequential_scan(next(generate_frames(ds.PixelData, number_of_frames=1)))
+            repaired = repair_sequential_scan(frame)
             if repaired is not None:
                 logger.debug("decoding a JPEG frame with a repaired scan header (Se -> 63)")
                 return _as_stored(_decode_jpeg(repaired), ds)
@@ -271,6 +310,21 @@ def _decode(ds: Dataset) -> np.ndarray:
     except Exception as error:  # decoders raise assorted types; the message names the decoder and the cause
         message = " ".join(str(error).split())[:200] or type(error).__name__
         raise UnreadableImage(f"pixel data could not be decoded ({name}): {message}") from None
+    except BaseException as error:
+        if not is_decoder_panic(error):
+            raise  # KeyboardInterrupt, SystemExit
+        message = " ".join(str(error).split())[:200]
+        raise UnreadableImage(f"pixel data could not be decoded ({name}): decoder panic ({message})") from None
+
+
+def _check_codestream_size(frame: bytes, shape: tuple[int, int], name: str) -> None:
+    """A JPEG / JPEG 2000 frame declares its own size, which the decoder allocates: it must be the header's."""
+    declared = codestream_size(frame)
+    if declared is not None and declared != shape:
+        raise UnreadableImage(
+            f"compressed frame ({name}) declares {declared[0]}x{declared[1]} pixels, the header says "
+            f"{shape[0]}x{shape[1]} (refused before decoding)"
+        )
 
 
 def _as_stored(decoded: np.ndarray, ds: Dataset) -> np.ndarray:

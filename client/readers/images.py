@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client.readers.base import DecodedImage, UnreadableImage
+from client.readers.base import MAX_IMAGE_BYTES, DecodedImage, UnreadableImage
 from client.readers.raster import PNG_SIGNATURE, read_raster
 
 NOT_AN_IMAGE = "not an image file (expected DICOM, PNG or PGM)"
@@ -28,8 +28,11 @@ _VALUE_REPRESENTATIONS = frozenset(
 )
 
 
-def read_image(path: Path) -> DecodedImage:
-    """Decode a DICOM, PNG or PGM file; raise `UnreadableImage` with a specific reason when that is impossible."""
+def read_image(path: Path, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> DecodedImage:
+    """Decode a DICOM, PNG or PGM file; raise `UnreadableImage` with a specific reason when that is impossible.
+
+    `max_image_bytes` caps the samples a header may declare (checked before decoding, `base.check_declared_size`).
+    """
     path = Path(path)
     try:
         with path.open("rb") as handle:
@@ -44,9 +47,9 @@ def read_image(path: Path) -> DecodedImage:
     if kind == "dicom":
         from client.readers.dicom import read_dicom  # pydicom is imported only when a DICOM file is met
 
-        return read_dicom(path)
+        return read_dicom(path, max_image_bytes=max_image_bytes)
     if kind in ("png", "netpbm"):
-        return read_raster(path)
+        return read_raster(path, max_image_bytes=max_image_bytes)
     for magic, name in _OTHER_FORMATS:
         if head.startswith(magic):
             raise UnreadableImage(f"unsupported image format {name} (expected DICOM, PNG or PGM)")

@@ -2,7 +2,8 @@
 
 Columns (header row required, names case-insensitive, any order):
 `file,label,patient_id[,laterality,view][,lesion_x,lesion_y,lesion_r][,roi_mask]`.
-- `file`, `roi_mask`: paths relative to the manifest's folder (absolute paths are kept as they are).
+- `file`, `roi_mask`: paths relative to the manifest's folder that stay inside the data folder (`root`, by
+  default the manifest's folder): absolute paths and paths leading out of it (`../`, links) are refused.
 - `label`: normal / benign / malignant. `patient_id`: any non-empty text (used for patient-level splits).
 - `laterality`: L / R (LEFT / RIGHT accepted); `view`: a mammography view code such as CC or MLO; both optional.
 - `lesion_x, lesion_y, lesion_r`: one lesion circle in pixels of the stored image, origin top-left (x = column,
@@ -11,6 +12,8 @@ Columns (header row required, names case-insensitive, any order):
   label, patient, laterality, view and roi_mask. A file listed twice otherwise is a duplicate. A `roi_mask` image
   may hold any number of lesions. Circles or masks on an image labelled normal are refused.
 Row numbers in errors are line numbers of the file as a spreadsheet shows them (header = row 1).
+Hostile cells are problems of their row, never exceptions: a NUL byte, a cell over `MAX_CELL_CHARS` characters, a
+field over the csv module's limit, a path the file system cannot look up. Values shown in problems are shortened.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +34,9 @@ LATERALITIES = {"L": "L", "R": "R", "LEFT": "L", "RIGHT": "R"}
 # DICOM CID 4014 "View for Mammography" short codes (PS3.16), as used in ViewPosition and by hospitals.
 VIEWS = frozenset({"CC", "MLO", "ML", "LM", "LMO", "FB", "SIO", "XCCL", "XCCM", "XCC", "AT", "CV", "RL", "RM", "ID"})
 _SAME_ON_EVERY_ROW = ("label", "patient_id", "laterality", "view", "roi_mask")
+MAX_CELL_CHARS = 1024  # longer than any path a file system accepts (PATH_MAX 4096 bytes, names 255)
+_SHOWN_CHARS = 60
+_MAX_PROBLEMS = 1000  # a manifest with more bad rows is reported up to here
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,10 @@ class ManifestProblem:
     field: str
     value: str
     reason: str
+
+    def __post_init__(self) -> None:
+        if len(self.value) > _SHOWN_CHARS:  # a problem keeps a shortened value, never a whole hostile cell
+            object.__setattr__(self, "value", f"{self.value[:_SHOWN_CHARS]}... ({len(self.value):,} characters)")
 
     def __str__(self) -> str:
         return f"row {self.row}, {self.field}={self.value!r}: {self.reason}"
@@ -64,11 +75,12 @@ class _Row:
     lesion: LesionCircle | None
 
 
-def read_manifest(path: Path, *, check_files: bool = True) -> list[ImageRecord]:
+def read_manifest(path: Path, *, check_files: bool = True, root: Path | None = None) -> list[ImageRecord]:
     """One record per image listed in the manifest at `path`, in order of first appearance.
 
     With `check_files` (default) a listed `file` or `roi_mask` that does not exist is a problem; without it the
-    caller checks (the folder scan reports missing files next to files the manifest does not list).
+    caller checks (the folder scan reports missing files next to files the manifest does not list). Every listed
+    path must lie inside `root` (default: the manifest's folder).
     """
     path = Path(path)
     try:
@@ -77,16 +89,19 @@ def read_manifest(path: Path, *, check_files: bool = True) -> list[ImageRecord]:
         raise ManifestError(path, [ManifestProblem(0, "manifest", path.name, f"cannot read ({exc})")]) from exc
     problems: list[ManifestProblem] = []
     reader = csv.reader(io.StringIO(text, newline=""))
-    header = [name.strip().lower() for name in next(reader, [])]
+    try:
+        header = [name.strip().lower() for name in next(reader, [])]
+    except csv.Error as exc:
+        raise ManifestError(path, [ManifestProblem(1, "header", "", f"not CSV ({exc})")]) from None
     problems.extend(_header_problems(header))
     if problems:
         raise ManifestError(path, problems)
+    places = _Places(path.parent, Path(root) if root is not None else path.parent, check_files)
     rows: list[_Row] = []
-    for fields in reader:
-        number = reader.line_num
+    for number, fields in _numbered_rows(reader, problems):
         if not any(field.strip() for field in fields):
             continue
-        row = _parse_row(number, header, fields, path.parent, check_files, problems)
+        row = _parse_row(number, header, fields, places, problems)
         if row is not None:
             rows.append(row)
     if not rows and not problems:
@@ -95,6 +110,28 @@ def read_manifest(path: Path, *, check_files: bool = True) -> list[ImageRecord]:
     if problems:
         raise ManifestError(path, sorted(problems, key=lambda problem: problem.row))
     return records
+
+
+def _numbered_rows(reader, problems: list[ManifestProblem]):
+    """(line number, fields) of every row after the header; a row the csv module refuses is a problem."""
+    while len(problems) < _MAX_PROBLEMS:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            problems.append(ManifestProblem(reader.line_num, "row", "", f"not CSV ({exc})"))
+            continue
+        yield reader.line_num, fields
+
+
+@dataclass(frozen=True)
+class _Places:
+    """Where a row's paths are looked up: relative to `base` (the manifest's folder), never outside `root`."""
+
+    base: Path
+    root: Path
+    check_files: bool
 
 
 def _header_problems(header: list[str]) -> list[ManifestProblem]:
@@ -116,7 +153,7 @@ def _header_problems(header: list[str]) -> list[ManifestProblem]:
 
 
 def _parse_row(
-    number: int, header: list[str], fields: list[str], base: Path, check_files: bool, problems: list[ManifestProblem]
+    number: int, header: list[str], fields: list[str], places: _Places, problems: list[ManifestProblem]
 ) -> _Row | None:
     found: list[ManifestProblem] = []
 
@@ -128,9 +165,17 @@ def _parse_row(
         problems.extend(found)
         return None
     cells = {name: value.strip() for name, value in zip(header, fields)}
+    for name, value in cells.items():
+        if "\x00" in value:
+            bad(name, value.replace("\x00", "\\0"), "contains a NUL byte")
+        elif len(value) > MAX_CELL_CHARS:
+            bad(name, value, f"{len(value):,} characters (at most {MAX_CELL_CHARS:,})")
+    if found:
+        problems.extend(found)
+        return None
     values: dict[str, str] = {}
 
-    file_path = _path_cell(cells["file"], base, "file", check_files, bad, required=True)
+    file_path = _path_cell(cells["file"], places, "file", bad, required=True)
     label = cells["label"].lower()
     if label not in CLASS_NAMES:
         bad("label", cells["label"], f"unknown label (expected {', '.join(CLASS_NAMES)})")
@@ -146,7 +191,7 @@ def _parse_row(
     if view and view not in VIEWS:
         bad("view", cells["view"], f"unknown view (expected one of {', '.join(sorted(VIEWS))})")
     values["view"] = view
-    mask = _path_cell(cells.get("roi_mask", ""), base, "roi_mask", check_files, bad, required=False)
+    mask = _path_cell(cells.get("roi_mask", ""), places, "roi_mask", bad, required=False)
     values["roi_mask"] = str(mask) if mask else ""
     lesion = _lesion(cells, bad)
     if label == "normal" and (lesion is not None or mask is not None):
@@ -157,14 +202,25 @@ def _parse_row(
     return _Row(number, file_path, cells["file"], values, lesion)
 
 
-def _path_cell(value: str, base: Path, field: str, check_files: bool, bad, *, required: bool) -> Path | None:
+def _path_cell(value: str, places: _Places, field: str, bad, *, required: bool) -> Path | None:
     if not value:
         if required:
             bad(field, "", "missing file name")
         return None
-    path = Path(value)
-    path = path if path.is_absolute() else base / path
-    if check_files and not path.is_file():
+    if os.path.isabs(value):
+        bad(field, value, "absolute path (paths are relative to the manifest's folder)")
+        return None
+    path = places.base / value
+    try:
+        inside = Path(os.path.realpath(path)).is_relative_to(os.path.realpath(places.root))
+        exists = inside and (not places.check_files or path.is_file())
+    except (OSError, ValueError) as exc:
+        bad(field, value, f"path cannot be looked up ({getattr(exc, 'strerror', None) or exc})")
+        return None
+    if not inside:
+        bad(field, value, "path leads outside the data folder")
+        return None
+    if not exists:
         bad(field, value, "missing file (not found relative to the manifest)")
     return path
 

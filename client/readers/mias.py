@@ -1,6 +1,7 @@
 """The mini-MIAS database (official `mdbNNN.pgm` files or the lossless `mdbNNN.png` copy + `Info.txt`) -> records.
 
-`Info.txt` is the distribution's README; only lines starting with `mdb` are table rows:
+`Info.txt` is the distribution's README; only lines starting with `mdb` are table rows (leading spaces and tabs are
+ignored, so an indented row still counts; a line that mentions `mdbNNN` elsewhere is reported, never dropped):
 `REFNUM BG CLASS [SEVERITY [X Y RADIUS]]` (BG: F fatty, G fatty-glandular, D dense-glandular; CLASS: CALC, CIRC,
 SPIC, MISC, ARCH, ASYM or NORM; SEVERITY: B or M). `*NOTE 3*` may stand in place of X Y RADIUS (calcifications
 spread over the breast: no circle). An image may have several rows (one per abnormality).
@@ -30,6 +31,8 @@ ABNORMALITY_CLASSES = ("CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM", "NORM")
 SEVERITIES = ("B", "M")
 IMAGE_SUFFIXES = (".pgm", ".png")  # the official format first
 _REFNUM = re.compile(r"mdb(\d{3})")
+_ROW_START = re.compile(r"mdb", re.IGNORECASE)
+_REFNUM_ANYWHERE = re.compile(r"mdb\d+", re.IGNORECASE)
 _NOTE = re.compile(r"\*NOTE\s*\d+\*")
 IMAGE_NAME = re.compile(r"mdb\d{3}\.(?:pgm|png)")
 
@@ -66,11 +69,14 @@ def parse_info(text: str) -> list[MiasRow]:
     rows: list[MiasRow] = []
     problems: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
-        if line.startswith("mdb"):
+        if _ROW_START.match(line.strip()):
             row, row_problems = _parse_row(number, line)
             problems.extend(row_problems)
             if row is not None:
                 rows.append(row)
+        elif found := _REFNUM_ANYWHERE.search(line):
+            problems.append(f"line {number}: mentions {found.group()[:12]!r} but does not start with it "
+                            f"(a table row is REFNUM BG CLASS [SEVERITY [X Y RADIUS]])")
     problems.extend(_cross_row_problems(rows))
     if not rows and not problems:
         problems.append("no table rows (lines starting with 'mdb') found")
@@ -87,21 +93,21 @@ def _parse_row(number: int, line: str) -> tuple[MiasRow | None, list[str]]:
     refnum, background, abnormality, rest = tokens[0], tokens[1], tokens[2], tokens[3:]
     problems = []
     if not _REFNUM.fullmatch(refnum) or refnum == "mdb000":
-        problems.append(f"{where}, field REFNUM: {refnum!r} is not mdb followed by a 3-digit number from 001")
+        problems.append(f"{where}, field REFNUM: {_cut(refnum)!r} is not mdb followed by a 3-digit number from 001")
     if background not in BACKGROUNDS:
-        problems.append(f"{where}, field BG: {background!r} is not one of {', '.join(BACKGROUNDS)}")
+        problems.append(f"{where}, field BG: {_cut(background)!r} is not one of {', '.join(BACKGROUNDS)}")
     if abnormality not in ABNORMALITY_CLASSES:
-        problems.append(f"{where}, field CLASS: {abnormality!r} is not one of {', '.join(ABNORMALITY_CLASSES)}")
+        problems.append(f"{where}, field CLASS: {_cut(abnormality)!r} is not one of {', '.join(ABNORMALITY_CLASSES)}")
     severity = rest[0] if rest else None
     if abnormality == "NORM":
         if rest:
             got = " ".join(rest)
-            problems.append(f"{where}, field SEVERITY: a NORM row has no severity or coordinates, got {got!r}")
+            problems.append(f"{where}, field SEVERITY: a NORM row has no severity or coordinates, got {_cut(got)!r}")
         return (None if problems else MiasRow(number, refnum, background, abnormality)), problems
     if severity is None:
         problems.append(f"{where}, field SEVERITY: missing for class {abnormality}")
     elif severity not in SEVERITIES:
-        problems.append(f"{where}, field SEVERITY: {severity!r} is not B or M")
+        problems.append(f"{where}, field SEVERITY: {_cut(severity)!r} is not B or M")
     x = y = radius = note = None
     coordinates = rest[1:]
     if _NOTE.fullmatch(" ".join(coordinates)):
@@ -111,21 +117,27 @@ def _parse_row(number: int, line: str) -> tuple[MiasRow | None, list[str]]:
         values = []
         for field, token in zip(("X", "Y", "RADIUS"), coordinates):
             low, high = limits[field]
-            if not token.isdigit():
-                problems.append(f"{where}, field {field}: {token!r} is not a whole number")
-            elif not low <= int(token) <= high:
-                problems.append(f"{where}, field {field}: {token} outside {low}..{high}")
-            values.append(int(token) if token.isdigit() else None)
+            value = int(token) if token.isascii() and token.isdigit() and len(token) <= 9 else None
+            if value is None:
+                problems.append(f"{where}, field {field}: {_cut(token)!r} is not a whole number")
+            elif not low <= value <= high:
+                problems.append(f"{where}, field {field}: {value} outside {low}..{high}")
+            values.append(value)
         x, y, radius = values
     elif coordinates:
         field = "Y" if len(coordinates) == 1 else "RADIUS"  # the first missing field, or the one overrun
         problems.append(
             f"{where}, field {field}: expected X Y RADIUS, '*NOTE n*' or nothing after the severity, "
-            f"got {' '.join(coordinates)!r}"
+            f"got {_cut(' '.join(coordinates))!r}"
         )
     if problems:
         return None, problems
     return MiasRow(number, refnum, background, abnormality, severity, x, y, radius, note), []
+
+
+def _cut(text: str) -> str:
+    """A token as a problem shows it: at most 20 characters."""
+    return text if len(text) <= 20 else f"{text[:20]}..."
 
 
 def _cross_row_problems(rows: list[MiasRow]) -> list[str]:

@@ -11,6 +11,10 @@ and corrupt files get their own reasons; then Pillow decodes 8- and 16-bit grays
 scaled by 255 / 65535), 1-bit, and palette/RGB/RGBA/LA files whose colour channels are equal (grayscale stored
 as colour); real colour is refused.
 Raster files carry no laterality or view: those come from the data set's annotations.
+
+Both formats declare their size in a header (PGM width/height/maxval, PNG IHDR); the declared samples are checked
+against `max_image_bytes` (`base.check_declared_size`) before anything is allocated, and a PGM header number
+longer than `_MAX_HEADER_DIGITS` digits is refused as it is read.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from client.readers.base import DecodedImage, UnreadableImage
+from client.readers.base import MAX_IMAGE_BYTES, DecodedImage, UnreadableImage, check_declared_size
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _NETPBM_KINDS = {
@@ -35,9 +39,11 @@ _NETPBM_KINDS = {
     b"P7": "PAM (P7)",
 }
 _PGM_TOKEN = re.compile(rb"\s*((?:#[^\n]*\n\s*)*)([^\s#]+)")
+_MAX_HEADER_DIGITS = 9  # up to 999,999,999: far beyond any image, and parsed without a huge int
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
 
 
-def read_raster(path: Path) -> DecodedImage:
+def read_raster(path: Path, *, max_image_bytes: int = MAX_IMAGE_BYTES) -> DecodedImage:
     """Decode a PNG or binary PGM file; raise `UnreadableImage` with a specific reason otherwise."""
     path = Path(path)
     try:
@@ -47,15 +53,15 @@ def read_raster(path: Path) -> DecodedImage:
     if not data:
         raise UnreadableImage("empty file")
     if data.startswith(PNG_SIGNATURE):
-        return _decode_png(data)
+        return _decode_png(data, max_image_bytes)
     if data[:2] == b"P5":
-        return _decode_pgm(data)
+        return _decode_pgm(data, max_image_bytes)
     if data[:2] in _NETPBM_KINDS:
         raise UnreadableImage(f"unsupported Netpbm format: {_NETPBM_KINDS[data[:2]]}; expected binary PGM (P5)")
     raise UnreadableImage("not a PNG or PGM file")
 
 
-def _decode_pgm(data: bytes) -> DecodedImage:
+def _decode_pgm(data: bytes, max_image_bytes: int) -> DecodedImage:
     values: list[int] = []
     position = 2
     names = ("width", "height", "maxval")
@@ -66,6 +72,10 @@ def _decode_pgm(data: bytes) -> DecodedImage:
         token = match.group(2)
         if not token.isdigit():
             raise UnreadableImage(f"corrupt PGM header: {name} is not a positive integer")
+        if len(token) > _MAX_HEADER_DIGITS:
+            raise UnreadableImage(
+                f"corrupt PGM header: {name} has {len(token):,} digits (at most {_MAX_HEADER_DIGITS} accepted)"
+            )
         values.append(int(token))
         position = match.end()
     width, height, maxval = values
@@ -73,6 +83,7 @@ def _decode_pgm(data: bytes) -> DecodedImage:
         raise UnreadableImage(f"corrupt PGM header: image size {width}x{height}")
     if not 0 < maxval < 65536:
         raise UnreadableImage(f"corrupt PGM header: maxval {maxval} outside 1..65535")
+    check_declared_size("PGM header", {"width": width, "height": height}, 1 if maxval < 256 else 2, max_image_bytes)
     if position >= len(data) or data[position : position + 1] not in (b" ", b"\t", b"\n", b"\r", b"\v", b"\f"):
         raise UnreadableImage("truncated PGM file: no pixel data after the header")
     pixel_bytes = data[position + 1 :]
@@ -91,8 +102,9 @@ def _decode_pgm(data: bytes) -> DecodedImage:
     return DecodedImage(pixels=pixels, bits_stored=maxval.bit_length(), source_format="pgm")
 
 
-def _decode_png(data: bytes) -> DecodedImage:
+def _decode_png(data: bytes, max_image_bytes: int) -> DecodedImage:
     _check_png_chunks(data)
+    _check_png_size(data, max_image_bytes)
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
             image.load()
@@ -101,11 +113,23 @@ def _decode_png(data: bytes) -> DecodedImage:
         raise
     except Image.DecompressionBombError as exc:
         raise UnreadableImage("PNG image too large (decompression bomb guard)") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
-        message = str(exc) or type(exc).__name__
+    except Exception as exc:  # Pillow raises assorted types on corrupt data; the message names the cause
+        message = " ".join(str(exc).split())[:200] or type(exc).__name__
         if "truncated" in message.lower() or isinstance(exc, EOFError):
-            raise UnreadableImage(f"truncated PNG file ({message})") from exc
-        raise UnreadableImage(f"corrupt PNG file ({message})") from exc
+            raise UnreadableImage(f"truncated PNG file ({message})") from None
+        raise UnreadableImage(f"corrupt PNG file ({message})") from None
+
+
+def _check_png_size(data: bytes, max_image_bytes: int) -> None:
+    """IHDR (PNG spec 11.2.2): width, height, bit depth, colour type -> declared samples, capped before decoding."""
+    ihdr = data[len(PNG_SIGNATURE) + 8 : len(PNG_SIGNATURE) + 21]
+    if len(ihdr) < 13:
+        raise UnreadableImage("corrupt PNG file: IHDR chunk shorter than 13 bytes")
+    width, height = int.from_bytes(ihdr[0:4], "big"), int.from_bytes(ihdr[4:8], "big")
+    bit_depth, colour_type = ihdr[8], ihdr[9]
+    samples = _PNG_SAMPLES.get(colour_type, 4)
+    check_declared_size("PNG header", {"width": width, "height": height}, samples * max(1, -(-bit_depth // 8)),
+                        max_image_bytes)
 
 
 def _check_png_chunks(data: bytes) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from common.models.cell_classifier import POOLINGS
 from common.models.efficientnet_lite import NUM_BLOCKS
+from common.run_config import TrainingSettings
 
 MODEL_KINDS: tuple[str, ...] = ("cnn", "effnet_head", "effnet_finetune")
 OUTSIDE_LESION: tuple[str, ...] = ("ignore", "normal")
@@ -42,15 +43,15 @@ class ModelConfig:
         covered cell of every lesion always counts).
     """
 
-    kind: str = "effnet_head"
-    image_size: int = 512
+    kind: str = TrainingSettings.model  # the run config's defaults, declared once in common.run_config
+    image_size: int = TrainingSettings.image_size
     num_classes: int = 3
-    top_k: int = 2
-    pooling: str = "classwise"
-    feature_layer: str = "block14"
-    finetune_from: int = 15
-    head_hidden: int = 0
-    input_norm: bool = True
+    top_k: int = TrainingSettings.top_k
+    pooling: str = TrainingSettings.pooling
+    feature_layer: str = TrainingSettings.feature_layer
+    finetune_from: int = TrainingSettings.finetune_from
+    head_hidden: int = TrainingSettings.head_hidden
+    input_norm: bool = TrainingSettings.input_norm
     cnn_width: int = 16
     groupnorm_groups: int = 8
     outside_lesion: str = "ignore"
