@@ -209,7 +209,7 @@ def measure_after(root: Path, hospital: Path, rounds: int) -> dict:
 
 def _node_config(hospital: Path, state: Path) -> str:
     return (f'data-dir="{hospital}" manifest="{hospital / "manifest.csv"}" state-dir="{state}" '
-            f'max-epsilon=1000.0')
+            f'max-epsilon=1000.0 require-tls=false')
 
 
 def _fresh_process_phases(hospital: Path, state: Path, repeats: int) -> dict:

@@ -7,7 +7,8 @@ runs the hospital's own ClientApp for the apps the hospital approved. A shared r
 
 A node refuses to start without TLS (``--root-certificates``) and node authentication
 (``--auth-supernode-private-key``), naming what is missing, unless started with ``--insecure-test-only``
-(loopback tests and simulations of a deployment), and without at least one approved app.
+(loopback tests and simulations of a deployment) and a node config whose policy says ``require-tls=false``, and
+without at least one approved app.
 """
 
 from __future__ import annotations
@@ -53,11 +54,14 @@ class NodeOptions:
     runtime_port: int = 9094
     max_retries: int | None = None
 
-    def state_dir(self) -> Path:
-        """The node config's `state-dir` (required: the ledger and the launcher's logs live there)."""
+    def node_values(self) -> dict:
         from flwr.common.config import parse_config_args
 
-        values = parse_config_args([self.node_config]) if self.node_config else {}
+        return parse_config_args([self.node_config]) if self.node_config else {}
+
+    def state_dir(self) -> Path:
+        """The node config's `state-dir` (required: the ledger and the launcher's logs live there)."""
+        values = self.node_values()
         if not values.get("state-dir"):
             raise NodeStartError("--node-config: 'state-dir' is required (the node's own disk: privacy ledger, "
                                  "caches, the launcher's logs)")
@@ -66,6 +70,11 @@ class NodeOptions:
     def check(self) -> None:
         """Refuse what a hospital node must not run without, naming each missing option."""
         missing = []
+        require_tls = self.node_values().get("require-tls", True)  # the node's own policy (common.node_policy)
+        if self.insecure_test_only and require_tls is not False:
+            raise NodeStartError("--insecure-test-only: the node config's policy requires TLS and node "
+                                 "authentication (require-tls, default true); a loopback test sets "
+                                 "require-tls=false")
         if not self.insecure_test_only:
             if self.root_certificates is None:
                 missing.append("--root-certificates (TLS to the SuperLink)")

@@ -138,11 +138,15 @@ def test_node_refuses_to_start_without_tls_and_node_auth(tmp_path):
         _options(tmp_path, root_certificates=ca).check()
     with pytest.raises(NodeStartError, match=r"--auth-supernode-private-key: .*missing-key: no such file"):
         _options(tmp_path, root_certificates=ca, auth_key=tmp_path / "missing-key").check()
+    # the test flag alone is not enough while the node's own policy requires TLS (require-tls, default true)
+    with pytest.raises(NodeStartError, match=r"--insecure-test-only: the node config's policy requires TLS"):
+        _options(tmp_path, insecure_test_only=True).check()
+    insecure = f'state-dir="{tmp_path / "state"}" require-tls=false'
     with pytest.raises(NodeStartError, match="no approved app"):
-        _options(tmp_path, insecure_test_only=True, allowed=AllowList(frozenset())).check()
+        _options(tmp_path, insecure_test_only=True, node_config=insecure, allowed=AllowList(frozenset())).check()
     with pytest.raises(NodeStartError, match="'state-dir' is required"):
-        _options(tmp_path, insecure_test_only=True, node_config='data-dir="/x"').check()
-    _options(tmp_path, insecure_test_only=True).check()  # the explicit test flag
+        _options(tmp_path, insecure_test_only=True, node_config='require-tls=false').check()
+    _options(tmp_path, insecure_test_only=True, node_config=insecure).check()  # flag and policy both say so
 
 
 def test_node_command_refuses_before_starting_anything(tmp_path):
@@ -165,7 +169,8 @@ def test_supernode_command_runs_no_app_itself(tmp_path):
                           "--port", "9200", "--superexec-auth-secret-file", str(tmp_path / "secret"),
                           "--root-certificates", str(ca), "--auth-supernode-private-key", str(key),
                           "--node-config", f'state-dir="{tmp_path / "state"}"']
-    insecure = supernode_command(_options(tmp_path, insecure_test_only=True), secret_file=tmp_path / "secret")
+    insecure = supernode_command(_options(tmp_path, insecure_test_only=True, node_config="require-tls=false"),
+                                 secret_file=tmp_path / "secret")
     assert "--insecure" in insecure and "--auth-supernode-private-key" not in insecure
 
 
@@ -208,7 +213,8 @@ def test_a_modified_app_is_refused_by_hash(tmp_path, mias_dir):
         node = procs.start("node", [*loopback.HOSPITAL_CLI, "node", "--superlink", f"127.0.0.1:{port}",
                                     "--insecure-test-only", "--approved-app", approved,
                                     "--runtime-port", str(loopback.free_port()),
-                                    "--node-config", loopback.node_config_text(folder, state, 50.0)],
+                                    "--node-config",
+                                    loopback.node_config_text(folder, state, 50.0) + " require-tls=false"],
                            home=tmp_path / "homes" / "node", cwd=tmp_path, env={"PYTHONPATH": str(REPO)})
         assert loopback.wait_until(lambda: "SuperNode ID:" in node.output() or link.popen.poll() is not None
                                     or node.popen.poll() is not None, 90), node.tail()
