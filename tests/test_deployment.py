@@ -197,7 +197,9 @@ def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federati
     assert secure["noise_multiplier_of_sum"] == pytest.approx(config["noise-multiplier"])
     evaluate = round_1["replies"]["evaluate"]  # the dead node is no longer sampled
     assert (evaluate["sampled"], evaluate["valid"], evaluate["failed"]) == (SURVIVORS, SURVIVORS, 0), evaluate
-    assert round_1["federated_eval"]["num_examples"] > 0
+    # the nodes' policy (default `evaluation = noised`) noises the counts: a sum of two tiny noised validation
+    # splits may well be 0, so only the noise is asserted
+    assert round_1["federated_eval"]["evaluation_noise"] > 0 and round_1["federated_eval"]["num_examples"] >= 0
     assert round_1["epsilon_max"] > 0
     privacy = metrics["privacy"]
     assert sorted(privacy) == sorted(f"node-{node_id}" for node_id in survivor_ids)
@@ -219,8 +221,9 @@ def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federati
             assert f"node-{ids[name]}" not in explanations["hospitals"]
             continue
         results = tmp_path / "state" / name / "explanations" / f"run-{runs[0]['run-id']}" / "results.json"
-        assert explanations["hospitals"][f"node-{ids[name]}"] == {
-            "images": len(json.loads(results.read_text())["images"])}
+        # the exact count stays at the hospital; what it reported is noised (client.explanation_round.noised_tally)
+        assert len(json.loads(results.read_text())["images"]) >= 1
+        assert set(explanations["hospitals"][f"node-{ids[name]}"]) == {"images"}
     assert "operating_point" in metrics["final"] and (run_dir / "report.html").is_file()
     assert metrics["config"]["model"] == config["model"]
     assert (run_dir / "model.mammofl").is_file()
