@@ -10,7 +10,9 @@ localisation (README, "Localisation": about 15 minutes on one CPU thread) shares
 ``bench/results/localisation.json``; membership inference (``bench.membership``, README "Membership inference")
 rewrites ``bench/results/membership.json``; the data path uses temporary caches; screening throughput
 (``bench.screening``) runs on the same mini-MIAS folder; scale (``bench.scale``: federated simulations of 3 to 100
-hospitals on the caches model quality filled; README, "Performance") follows. Hostile inputs (``bench.fuzz``:
+hospitals on the caches model quality filled; README, "Performance") follows, then deployment start-up
+(``bench.startup``: a loopback SuperLink and one hospital node, before and after the warm launcher; rewrites
+``bench/results/startup.json``). Hostile inputs (``bench.fuzz``:
 100,000 mutated files and configs, about 6 minutes on one CPU thread) run last and rewrite ``bench/results/fuzz.json``.
 """
 
@@ -19,7 +21,8 @@ import sys
 from pathlib import Path
 
 from bench import bytes as wire_bytes
-from bench import data_path, fuzz, grad_sample_modes, localisation, membership, model_quality, scale, screening
+from bench import (data_path, fuzz, grad_sample_modes, localisation, membership, model_quality, scale, screening,
+                   startup)
 
 if __name__ == "__main__":
     grad_sample_modes.main([])
@@ -45,8 +48,10 @@ if __name__ == "__main__":
         screening.main(["--mias-dir", data, *(["--dicom"] if dicom.is_dir() else [])])
         print()
         scale.main(["--data-dir", data, "--cache-dir", "cache/bench"])  # warm: model quality filled it
+        print()
+        startup.main(["--data-dir", data])
     else:
-        print("\n# model quality, data path, localisation, membership, screening, scale: skipped, MINI_MIAS_DIR "
+        print("\n# model quality, data path, localisation, membership, screening, scale, start-up: skipped, MINI_MIAS_DIR "
               "does not name a mini-MIAS folder",
               file=sys.stderr)
     print()

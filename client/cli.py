@@ -267,6 +267,64 @@ def print_screen_summary(summary: dict, console: Console) -> None:
     console.print(f"predictions: {summary['predictions']}\nreport: {summary['report']}", highlight=False)
 
 
+@app.command("app-hash")
+def app_hash_command(
+    app_dir: Annotated[Path, typer.Argument(metavar="APP_DIR", help="Flower app folder (with pyproject.toml).")] = Path(),
+) -> None:
+    """Print the hash a steward approves: Flower's FAB hash of APP_DIR, as `flwr run APP_DIR` would submit it."""
+    from client.app_approval import app_hash
+
+    try:
+        digest = app_hash(app_dir.resolve())
+    except (FileNotFoundError, ValueError) as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    sys.stdout.write(digest + "\n")
+
+
+@app.command("node")
+def node_command(
+    superlink: Annotated[str, typer.Option("--superlink", metavar="HOST:PORT", help="The SuperLink's Fleet API.")],
+    node_config: Annotated[str, typer.Option("--node-config", metavar="TEXT",
+                                             help='Node config, e.g. \'data-dir="..." state-dir="..."\'.')],
+    root_certificates: Annotated[Path | None, typer.Option("--root-certificates", metavar="PEM",
+                                                           help="CA certificate of the SuperLink (TLS).")] = None,
+    auth_key: Annotated[Path | None, typer.Option("--auth-supernode-private-key", metavar="KEY",
+                                                  help="The node's registered private key.")] = None,
+    approved_app: Annotated[list[str] | None, typer.Option("--approved-app", metavar="HASH",
+                                                           help="An approved app's hash (repeatable).")] = None,
+    approved_apps: Annotated[Path | None, typer.Option("--approved-apps", metavar="FILE",
+                                                       help="Allow-list file: one hash per line.")] = None,
+    runtime_port: Annotated[int, typer.Option("--runtime-port", help="Loopback port of the SuperNode's "
+                                              "Runtime API.")] = 9094,
+    max_retries: Annotated[int | None, typer.Option("--max-retries", help="SuperLink connection retries.")] = None,
+    insecure_test_only: Annotated[bool, typer.Option("--insecure-test-only",
+                                                     help="Allow no TLS / no node key (loopback tests only).")] = False,
+) -> None:
+    """Run this hospital's node: its SuperNode plus one warm process that runs only approved apps."""
+    import logging
+
+    from client.app_approval import AllowList, AllowListError, read_allow_list
+    from client.hospital_node import NodeOptions, NodeStartError, run_node
+
+    errors = Console(stderr=True)
+    try:
+        allowed = AllowList.of(approved_app or [])
+        if approved_apps is not None:
+            allowed = allowed | read_allow_list(approved_apps)
+        options = NodeOptions(superlink=superlink, node_config=node_config, allowed=allowed,
+                              root_certificates=root_certificates, auth_key=auth_key,
+                              insecure_test_only=insecure_test_only, runtime_port=runtime_port,
+                              max_retries=max_retries)
+        options.check()
+    except (AllowListError, NodeStartError) as exc:
+        errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API call otherwise
+    raise typer.Exit(run_node(options))
+
+
 @app.command("preflight")
 def preflight_command(
     node_config: Annotated[str, typer.Option(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import logging
 import os
@@ -22,12 +23,14 @@ import subprocess
 import sys
 import time
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from flwr.cli.build import build_fab_from_disk
 
 from client.readers.mias import read_mias_records
 from server import certs
@@ -39,6 +42,7 @@ BIN = Path(sys.executable).parent
 MARKER_VAR = "MAMMOFL_DEPLOYMENT_TEST"
 CONNECTION = "mammofl-test"
 REGISTER_SCRIPT = REPO / "deploy" / "register-nodes.sh"
+HOSPITAL_CLI = [sys.executable, "-c", "from client.cli import app; app()"]  # `mammofl-hospital` of this checkout
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 
@@ -314,6 +318,34 @@ class Federation:
             args += ["--node-config", node_config]
         return self.procs.start(name, args, home=self.home(name), cwd=self.root)
 
+    def start_node(self, name: str, private_key: Path, node_config: str, *, approved: str) -> Started:
+        """`mammofl-hospital node`: the hospital's SuperNode (process isolation, TLS, its key) and its warm
+        launcher, which runs the hospital's own ClientApp for the app hash `approved` only."""
+        args = [*HOSPITAL_CLI, "node", "--superlink", f"127.0.0.1:{self.port}",
+                "--root-certificates", str(self.certs.ca_cert), "--auth-supernode-private-key", str(private_key),
+                "--runtime-port", str(free_port()), "--max-retries", "3", "--approved-app", approved,
+                "--node-config", node_config]
+        return self.procs.start(name, args, home=self.home(name), cwd=self.root, env={"PYTHONPATH": str(REPO)})
+
+    def power_off_on_message(self, node: Started, *, during: Started, timeout: float, nth: int = 1) -> float:
+        """Wait (bounded, and only while `during` runs) until `node`'s SuperNode has received its `nth` message,
+        then SIGKILL the node's process group (launcher and SuperNode). Returns the time of the kill."""
+        home = self.home(node.name)
+
+        def nth_received() -> bool:
+            return during.popen.poll() is not None or node.output().count("Receiving:") >= nth
+
+        received = wait_until(nth_received, timeout, interval=0.05)
+        assert received and during.popen.poll() is None, (
+            f"{node.name} did not receive {nth} messages within {timeout:.0f} s while {during.name} ran:\n"
+            f"{node.tail()}\n--- {during.name}:\n{during.tail()}")
+        killpg(node.popen.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert node.popen.wait(timeout=STOP_TIMEOUT) == -signal.SIGKILL
+        assert wait_until(lambda: not self.procs.marked(home), STOP_TIMEOUT), (
+            f"{node.name} processes survived SIGKILL: {self.procs.marked(home)}")
+        return killed_at
+
     def home(self, name: str) -> Path:
         """FLWR_HOME of a started process: what its children inherit, so it tells whose they are."""
         return self.root / "homes" / name
@@ -375,6 +407,15 @@ def running_federation(tmp_path: Path) -> Iterator[Federation]:
         for proc in procs.started:
             log.info("%s exit code %s", proc.name, proc.popen.returncode)
         assert not survivors, f"processes left running: {survivors}"
+
+
+def snapshot_app(app_dir: Path, dest: Path) -> Path:
+    """The files of `app_dir`'s FAB (what `flwr run app_dir` submits), unpacked in `dest`: a release to approve
+    and run that edits to the working tree during a test cannot change."""
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app_dir))) as archive:
+        archive.extractall(dest)
+    shutil.rmtree(dest / ".info")
+    return dest
 
 
 def node_config_text(data_dir: Path, state_dir: Path, max_epsilon: float) -> str:

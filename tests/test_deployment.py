@@ -1,29 +1,33 @@
-"""The real deployment on loopback: SuperLink + SuperNodes as separate processes, TLS and node authentication on.
+"""The real deployment on loopback: SuperLink + hospital nodes as separate processes, TLS and node authentication on.
 
 Certificates and node keys come from `server.certs`; `flower-superlink` runs with TLS, `--enable-supernode-auth`,
-an SQLite `--database` and `--isolation subprocess`; three registered `flower-supernode` processes each serve one
+an SQLite `--database` and `--isolation subprocess`; three registered hospital nodes (`mammofl-hospital node`: a
+`flower-supernode --isolation process` plus the hospital's warm launcher, `client.launcher`) each serve one
 hospital folder (a few mini-MIAS images with a CSV manifest, as a hospital would provide); `flwr run --stream`
-runs one federated round of the real apps and the run directory the ServerApp wrote is checked. A SuperNode whose
-key was never registered must be refused.
+runs one federated round of the real apps and the run directory the ServerApp wrote is checked. The app is a
+snapshot of this checkout (the files of its FAB): each node approves exactly its hash. A node whose key was never
+registered must be refused.
 
 The round uses distributed noise over secure aggregation (Flower's SecAgg+: setup, key sharing, masked vectors,
 unmasking; each a message to every node): each hospital adds its share sigma / sqrt(2) of the noise (threshold
 T = 3 - 1 dropout) and only the sum reaches the coordinator. A killed node must not fail the federation: once the
-third hospital's `flwr-clientapp` has started on its training message (its third SecAgg+ message, after its keys
-were shared), that SuperNode and its children are killed with SIGKILL (a hospital machine losing power). The
-SuperLink declares it offline when its heartbeats stop (at most 2 x 30 s after the last one, sent every ~24 s) and
-answers its message with a "node unavailable" error reply; the survivors' shares of the dead node's secret key let
-the coordinator remove its masks, the run config asks for 2 nodes and 2 replies per step and gives each step
-`ROUND_TIMEOUT`, more than that, so the round completes from the two survivors with the noise of their two shares
-(sigma) in the sum, the failure counted, and the run ends `finished:completed`.
+third hospital's SuperNode has received its training message (its third SecAgg+ message, after its keys were
+shared), that node (SuperNode and launcher, one process group) is killed with SIGKILL (a hospital machine losing
+power). The SuperLink declares it offline when its heartbeats stop (at most 2 x 30 s after the last one, sent every
+~24 s) and answers its message with a "node unavailable" error reply; the survivors' shares of the dead node's
+secret key let the coordinator remove its masks, the run config asks for 2 nodes and 2 replies per step and gives
+each step `ROUND_TIMEOUT`, more than that, so the round completes from the two survivors with the noise of their
+two shares (sigma) in the sum, the failure counted, and the run ends `finished:completed`.
+
+Start-up tax: each survivor's launcher logs every message's timings (`state-dir/launcher/timings.jsonl`); the test
+asserts that every message spent less than `MAX_OVERHEAD` seconds at the node besides the app's own work and the
+wait for the message to arrive from the SuperLink (`client.launcher.MessageTimings`).
 
 Processes, teardown and the SuperLink are `deployment_helpers` (shared with `test_superlink_restart`).
 
-Cost: about 4 minutes on 2 shared cores, mostly Flower's: each message starts a fresh `flwr-clientapp` process
-(the SecAgg+ key exchanges import no torch; training and evaluation do), SuperNodes and the ServerApp poll for
-messages every 3 s, and the training stage lasts until the killed node's heartbeat expires (36 to 60 s after the
-kill). The log line "deployment test
-timings" (INFO) gives the phases.
+Cost: a few minutes on 2 shared cores, mostly Flower's: the nodes import torch once each at start, SuperNodes and
+the ServerApp poll for messages every 3 s, and the training stage lasts until the killed node's heartbeat expires
+(36 to 60 s after the kill). The log line "deployment test timings" (INFO) gives the phases.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ from typing import Any
 
 import pytest
 
+from client.app_approval import app_hash
+from client.hospital_node import LAUNCHER_DIR
+from client.launcher import REFUSALS_FILE, TIMINGS_FILE
 from deployment_helpers import (
     BIN,
     CONNECTION,
@@ -49,6 +56,7 @@ from deployment_helpers import (
     node_config_text,
     run_config_text,
     running_federation,
+    snapshot_app,
     wait_until,
 )
 from common.signing import TrustedKeys, verify_file
@@ -57,6 +65,8 @@ from server.signing_keys import generate_key_directory
 from simulations.presets import PRESETS
 
 pytestmark = pytest.mark.slow
+
+MAX_OVERHEAD = 5.0  # seconds per message at a node, besides the app's own work (issue 14's bar)
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +124,17 @@ def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federati
     node_ids = set(registered)
     lap("register")
 
+    release = snapshot_app(REPO, tmp_path / "release")  # the steward approves it; `flwr run` submits it below
+    approved = app_hash(release)
+    assert approved == app_hash(REPO)
     supernodes = {
-        name: fed.start_supernode(name, paths.private, node_config_text(folders[name], tmp_path / "state" / name,
-                                                                    MAX_EPSILON[name]))
+        name: fed.start_node(name, paths.private, node_config_text(folders[name], tmp_path / "state" / name,
+                                                                   MAX_EPSILON[name]), approved=approved)
         for name, paths in zip(names, keys, strict=True)
     }
     # A node whose key the SuperLink does not know is turned away at activation.
-    rogue = fed.start_supernode("unregistered", rogue_key.private, None)
+    rogue = fed.start_node("unregistered", rogue_key.private, f'state-dir="{tmp_path / "state" / "rogue"}"',
+                           approved=approved)
     try:
         rogue_rc = rogue.popen.wait(timeout=START_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -133,21 +147,26 @@ def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federati
                          interval=1.0)
     assert online, f"SuperNodes not online: {fed.nodes()}"
     assert set(fed.nodes()) == node_ids  # the refused node never joined
+    # Each launcher imports torch, Opacus and the ClientApp once, while its SuperNode connects; a message arriving
+    # before that waits for it (start-up, paid once per node, not per message).
+    ready = wait_until(lambda: all("launcher serving" in node.output() for node in supernodes.values()),
+                       START_TIMEOUT * 2, interval=1.0)
+    assert ready, {name: node.tail(5) for name, node in supernodes.items()}
     lap("nodes online, unregistered node refused")
 
     run_dir = tmp_path / "run"
     keys = generate_key_directory(tmp_path / "signing-key")  # the coordinator's own key, made beforehand
     config = {**deployment_run_config(run_dir), "signing-key": str(keys.private)}
     flwr_run = fed.procs.start(
-        "flwr-run", [str(BIN / "flwr"), "run", str(REPO), CONNECTION, "--stream", "--run-config",
+        "flwr-run", [str(BIN / "flwr"), "run", str(release), CONNECTION, "--stream", "--run-config",
                      run_config_text(config)], home=fed.cli_home, cwd=tmp_path)
-    killed_at = fed.power_off(supernodes[KILLED], during=flwr_run, timeout=START_TIMEOUT * 4, nth=KILLED_AT_MESSAGE)
+    killed_at = fed.power_off_on_message(supernodes[KILLED], during=flwr_run, timeout=START_TIMEOUT * 4, nth=KILLED_AT_MESSAGE)
     killed_log = supernodes[KILLED].output()  # it died holding its training message, its keys already shared
     assert killed_log.count("Receiving: train message") == KILLED_AT_MESSAGE, killed_log
     assert killed_log.count("Sending:") == KILLED_AT_MESSAGE - 1, killed_log
     killed_id = int(re.search(r"SuperNode ID: (\d+)", killed_log).group(1))
     assert killed_id in node_ids
-    lap(f"{KILLED}'s flwr-clientapp started, node killed")
+    lap(f"{KILLED} received its training message, node killed")
     try:
         rc = flwr_run.popen.wait(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -178,7 +197,9 @@ def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federati
     assert secure["noise_multiplier_of_sum"] == pytest.approx(config["noise-multiplier"])
     evaluate = round_1["replies"]["evaluate"]  # the dead node is no longer sampled
     assert (evaluate["sampled"], evaluate["valid"], evaluate["failed"]) == (SURVIVORS, SURVIVORS, 0), evaluate
-    assert round_1["federated_eval"]["num_examples"] > 0
+    # the nodes' policy (default `evaluation = noised`) noises the counts: a sum of two tiny noised validation
+    # splits may well be 0, so only the noise is asserted
+    assert round_1["federated_eval"]["evaluation_noise"] > 0 and round_1["federated_eval"]["num_examples"] >= 0
     assert round_1["epsilon_max"] > 0
     privacy = metrics["privacy"]
     assert sorted(privacy) == sorted(f"node-{node_id}" for node_id in survivor_ids)
@@ -200,8 +221,9 @@ def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federati
             assert f"node-{ids[name]}" not in explanations["hospitals"]
             continue
         results = tmp_path / "state" / name / "explanations" / f"run-{runs[0]['run-id']}" / "results.json"
-        assert explanations["hospitals"][f"node-{ids[name]}"] == {
-            "images": len(json.loads(results.read_text())["images"])}
+        # the exact count stays at the hospital; what it reported is noised (client.explanation_round.noised_tally)
+        assert len(json.loads(results.read_text())["images"]) >= 1
+        assert set(explanations["hospitals"][f"node-{ids[name]}"]) == {"images"}
     assert "operating_point" in metrics["final"] and (run_dir / "report.html").is_file()
     assert metrics["config"]["model"] == config["model"]
     assert (run_dir / "model.mammofl").is_file()
@@ -212,7 +234,7 @@ def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federati
     ledger_epsilons = []
     for name in names:  # each survivor recorded the round in the ledger on its own disk (node config state-dir)
         ledger_path = tmp_path / "state" / name / "privacy-ledger.json"
-        if name == KILLED:  # killed while its ClientApp was still starting: nothing trained, nothing recorded
+        if name == KILLED:  # killed as its training message came in: nothing trained, nothing recorded
             assert not ledger_path.exists()
             continue
         ledger = json.loads(ledger_path.read_text())
@@ -223,6 +245,24 @@ def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federati
             (share, config["noise-multiplier"]))
         ledger_epsilons.append((entry["epsilon_aggregate"], entry["epsilon"]))
     assert [e for pair in sorted(ledger_epsilons) for e in pair] == pytest.approx([e for pair in epsilons for e in pair])
+
+    # Each survivor's launcher served every message its SuperNode received, in one warm process, each with
+    # less than MAX_OVERHEAD seconds at the node besides the app's own work and the wait for the message itself
+    # to arrive from the SuperLink (from the task's creation at the SuperNode to the reply handed back to it).
+    overheads, arrivals = {}, []
+    for name in names:
+        if name == KILLED:
+            continue
+        served = [json.loads(line) for line in
+                  (tmp_path / "state" / name / LAUNCHER_DIR / TIMINGS_FILE).read_text().splitlines()]
+        assert len(served) == supernodes[name].output().count("Receiving:"), served
+        assert all(entry["approved"] and entry["status"] == "completed" for entry in served), served
+        assert not (tmp_path / "state" / name / LAUNCHER_DIR / REFUSALS_FILE).exists()
+        overheads[name] = max(entry["overhead"] for entry in served)
+        arrivals += [entry["arrival"] for entry in served]
+        assert overheads[name] < MAX_OVERHEAD, json.dumps(served, indent=1)
+    timings["max overhead per message"] = max(overheads.values())
+    timings["max message arrival"] = max(arrivals)
 
     # Registering again (e.g. `docker compose up` after a restart) is harmless.
     rc, out = fed.register_all(tmp_path / "node-keys")

@@ -12,11 +12,15 @@ import shlex
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
 from flwr.common.config import parse_config_args
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
+from client.app_approval import AllowList
+from client.cli import app as hospital_cli
+from client.hospital_node import NodeOptions, supernode_command
 from common.run_config import NodeConfig, RunConfig
 from server import certs
 
@@ -54,7 +58,22 @@ def _mounts(service: dict) -> dict[str, tuple[str, bool]]:
 
 
 def _hospital_services(compose: dict) -> dict[str, dict]:
-    return {name: s for name, s in compose["services"].items() if _command(s)[0] == "flower-supernode"}
+    return {name: s for name, s in compose["services"].items() if _command(s)[:2] == ["mammofl-hospital", "node"]}
+
+
+def _node_options(command: list[str]) -> NodeOptions:
+    """`mammofl-hospital node` arguments, parsed by the command's own parser, as the node's options."""
+    node = typer.main.get_command(hospital_cli).commands["node"]
+    params = node.make_context("node", command[2:]).params
+    return NodeOptions(superlink=params["superlink"], node_config=params["node_config"],
+                       allowed=AllowList(frozenset()), root_certificates=params["root_certificates"],
+                       auth_key=params["auth_key"], insecure_test_only=params["insecure_test_only"])
+
+
+def _supernode_args(command: list[str]):
+    """The `flower-supernode` command line the node starts, parsed by Flower's own parser."""
+    supernode = supernode_command(_node_options(command), secret_file=Path("/state/launcher/superexec-secret"))
+    return _parse_args_run_supernode().parse_args(supernode[1:])
 
 
 def test_header_says_how_it_is_tested():
@@ -111,7 +130,7 @@ def test_hospitals_data_read_only_and_distinct(compose):
     sources, keys, states = set(), set(), set()
     for name, service in hospitals.items():
         command = _command(service)
-        args = _parse_args_run_supernode().parse_args(command[1:])
+        args = _supernode_args(command)
         mounts = _mounts(service)
         node_config = parse_config_args([args.node_config])
         resolved = NodeConfig.from_flower(node_config, run=RunConfig())
@@ -134,7 +153,11 @@ def test_hospitals_data_read_only_and_distinct(compose):
         assert key_source == f"./{certs.node_key_paths(KEY_DIR, name).private}" and key_ro
         keys.add(key_source)
         assert args.superlink == "superlink:9093"
-        assert args.isolation == "subprocess"
+        # the node runs only the apps its steward approved, in its own warm launcher (no app from the FAB)
+        assert args.isolation == "process"
+        assert not _node_options(command).insecure_test_only
+        assert mounts["/config/approved-apps"] == ("./deploy/approved-apps", True)
+        assert "--approved-apps=/config/approved-apps" in command
         assert service["depends_on"] == {"register-nodes": {"condition": "service_completed_successfully"}}
         assert not any(target == "/certs/server.key" for target in mounts), name
     assert len(sources) == len(keys) == len(states) == 3
