@@ -238,9 +238,13 @@ def test_federated_round_over_tls_with_node_auth_survives_a_killed_node(federati
             assert not ledger_path.exists()
             continue
         ledger = json.loads(ledger_path.read_text())
-        assert [(e["run_id"], e["run_key"], e["server_round"]) for e in ledger["entries"]] == [
+        training = [e for e in ledger["entries"] if e["kind"] == "training"]
+        assert [(e["run_id"], e["run_key"], e["server_round"]) for e in training] == [
             (runs[0]["run-id"], metrics["run_key"], 1)]  # the run key came through SecAgg+'s fit instruction
-        entry = ledger["entries"][0]
+        # the noised evaluation and the explanation counts were charged too (node policy evaluation = noised)
+        assert sorted(e["kind"] for e in ledger["entries"] if e["kind"] != "training") == ["evaluation",
+                                                                                           "explanation"]
+        entry = training[0]
         assert (entry["noise_multiplier"], entry["aggregate_noise_multiplier"]) == pytest.approx(
             (share, config["noise-multiplier"]))
         ledger_epsilons.append((entry["epsilon_aggregate"], entry["epsilon"]))
