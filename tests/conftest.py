@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ("flower_messages",)  # NodesGrid and the serverapp_identity fixture
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("MAMMOFL_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 

@@ -5,17 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import NodeFailure, make_client_app
 from common import wire
 
-
-@pytest.fixture(autouse=True)
-def _serverapp_identity(monkeypatch):
-    """Instruction Messages take their run/node ids from the process identity (set by Flower's runtime)."""
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 def _instruction(server_round: int) -> Message:

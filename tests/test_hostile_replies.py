@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum
-from flwr.supercore.task_identity import TaskIdentity
 
 from common import wire
 from common.run_config import ConfigError, RunConfig
@@ -25,45 +23,12 @@ from common.update_bound import dp_sgd_update_bound
 from server.checkpoints import CheckpointStore
 from server.strategy import TooFewReplies, build_strategy
 from signed_files import SIGNER, TRUSTED
+from flower_messages import NodesGrid
+
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 GLOBAL = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 NODES = (11, 12, 13)
-
-
-class NodesGrid(Grid):
-    """A grid that only knows which nodes are connected (sampling is all configure_* needs from it)."""
-
-    def __init__(self, node_ids):
-        self._ids = list(node_ids)
-
-    def get_node_ids(self):
-        return list(self._ids)
-
-    def set_run(self, run):  # pragma: no cover - not used by the hooks under test
-        raise NotImplementedError
-
-    @property
-    def run(self):  # pragma: no cover
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # pragma: no cover
-        raise NotImplementedError
-
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover
-        raise NotImplementedError
-
-
-@pytest.fixture(autouse=True)
-def _serverapp_identity(monkeypatch):
-    """Messages take run/node/task ids from the process identity, which Flower sets when it runs a ServerApp."""
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 def _stamped(msg: Message) -> Message:

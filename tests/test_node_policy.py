@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 from client.app import make_client_app
@@ -28,14 +27,10 @@ from common.run_config import ConfigError, NodeConfig, RunConfig
 from common.weights import exchanged_weights
 from server.strategy import aggregate_evaluation
 
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
+
 SMALL = dict(model="cnn", image_size=64, sim_max_patients=16, sim_test_fraction=0.25, val_fraction=0.25,
              batch_size=4, noise_multiplier=1.0)
-
-
-@pytest.fixture(autouse=True)
-def _serverapp_identity(monkeypatch):
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 def _virtual_hospital(mias_dir, tmp_path, **policy) -> tuple[RunConfig, NodeConfig]:

@@ -11,8 +11,6 @@ import math
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from common import wire
 from common.aggregation import weighted_average
@@ -24,44 +22,11 @@ from common.operating_point import auc as histogram_auc
 from server.run_directory import eval_entry, final_from_federated, release_operating_point, with_operating_point
 from server.strategy import TooFewReplies, aggregate_evaluation, build_strategy
 from signed_files import SIGNER, TRUSTED
+from flower_messages import NodesGrid
+
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 GLOBAL = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
-
-
-class NodesGrid(Grid):
-    """A grid that only knows which nodes are connected (sampling is all configure_* needs from it)."""
-
-    def __init__(self, node_ids):
-        self._ids = list(node_ids)
-
-    def get_node_ids(self):
-        return list(self._ids)
-
-    def set_run(self, run):  # pragma: no cover - not used by the hooks under test
-        raise NotImplementedError
-
-    @property
-    def run(self):  # pragma: no cover
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # pragma: no cover
-        raise NotImplementedError
-
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover
-        raise NotImplementedError
-
-
-@pytest.fixture(autouse=True)
-def _serverapp_identity(monkeypatch):
-    """Messages take run/node/task ids from the process identity, which Flower sets when it runs a ServerApp."""
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 def _config(**overrides) -> RunConfig:

@@ -7,6 +7,7 @@ import pytest
 
 from common.update_encoding import (SCALE_SUFFIX, UpdateEncodingError, decode_update, encode_update,
                                     encoded_nbytes)
+from flower_messages import NodesGrid
 
 
 def _model(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -137,26 +138,8 @@ def test_the_run_config_knows_every_encoding_and_refuses_them_with_secure_aggreg
         RunConfig.from_flower({"update-encoding": "int4"})
 
 
-class _Nodes:
-    """Just enough of a Flower Grid for configure_train: the connected node ids."""
-
-    def __init__(self, ids):
-        self.ids = list(ids)
-
-    def get_node_ids(self):
-        return list(self.ids)
-
-
-@pytest.fixture
-def _serverapp_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 @pytest.mark.parametrize("encoding", ["float16", "int8"])
-def test_the_coordinator_decodes_encoded_replies_before_checking_and_averaging(encoding, _serverapp_identity):
+def test_the_coordinator_decodes_encoded_replies_before_checking_and_averaging(encoding, serverapp_identity):
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
     from common import wire
@@ -165,10 +148,11 @@ def test_the_coordinator_decodes_encoded_replies_before_checking_and_averaging(e
 
     reference = {"w": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, dtype=np.float32)}
     config = RunConfig.from_flower({"min-nodes": 2, "min-train-replies": 2, "dp-mode": "local",
-                                    "update-encoding": encoding, "round-timeout": 2.0})
+                                    "update-encoding": encoding, "round-timeout": 2.0,
+                                    "max-update-norm": 1e6})  # hand-made updates, larger than DP-SGD's bound
     strategy = build_strategy(config)
     records = ArrayRecord({k: Array(v) for k, v in reference.items()})
-    instructions = list(strategy.configure_train(1, records, ConfigRecord(), _Nodes([11, 12, 13])))
+    instructions = list(strategy.configure_train(1, records, ConfigRecord(), NodesGrid([11, 12, 13])))
 
     def reply(instruction, arrays):
         metrics = MetricRecord({wire.NUM_EXAMPLES: 10, wire.TRAIN_LOSS: 0.5, wire.EPSILON: 1.0,
