@@ -418,10 +418,12 @@ def snapshot_app(app_dir: Path, dest: Path) -> Path:
     return dest
 
 
-def node_config_text(data_dir: Path, state_dir: Path, max_epsilon: float) -> str:
+def node_config_text(data_dir: Path, state_dir: Path, max_epsilon: float, **policy: str) -> str:
+    """`flower-supernode --node-config` text; `policy`: more node-policy keys (python names, string values)."""
+    extra = "".join(f' {key.replace("_", "-")}="{value}"' for key, value in policy.items())
     return (
         f'data-dir="{data_dir}" manifest="{data_dir / "manifest.csv"}" '
-        f'state-dir="{state_dir}" max-epsilon={max_epsilon}'
+        f'state-dir="{state_dir}" max-epsilon={max_epsilon}{extra}'
     )
 
 

@@ -117,9 +117,10 @@ def test_a_round_interrupted_after_hospitals_trained_it_is_lost_not_trained_twic
               "sim-data-dir": str(mias_dir), "sim-state-dir": str(state), "sim-max-patients": 12,
               "sim-test-fraction": 0.25, "val-fraction": 0.25, "run-dir": str(run_dir), "explain-methods": ""}
 
-    def simulate(overrides: dict) -> None:
+    def simulate(overrides: dict) -> None:  # evaluations in clear: the ledgers hold the training rounds only
+        clear = {k: {"evaluation": "clear"} for k in range(2)}
         run_simulation(server_app=make_server_app(overrides=overrides), num_supernodes=2,
-                       client_app=make_client_app(overrides=overrides),
+                       client_app=make_client_app(overrides=overrides, node_overrides=clear),
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                        "init_args": {"num_cpus": 2}})
 
@@ -195,8 +196,9 @@ def test_a_superlink_killed_mid_run_resumes_without_losing_a_round_or_spending_t
         rc, out = fed.register_all(tmp_path / "node-keys")
         assert rc == 0, out
         supernodes = {
+            # evaluations released in clear: the ledgers then hold exactly the training rounds this test counts
             name: fed.start_supernode(name, pair.private, node_config_text(
-                folders[name], tmp_path / "state" / name, HOSPITALS[name]), max_retries=None)
+                folders[name], tmp_path / "state" / name, HOSPITALS[name], evaluation="clear"), max_retries=None)
             for name, pair in zip(names, keys, strict=True)
         }
         assert wait_until(lambda: list(fed.nodes().values()) == ["online"] * len(names), START_TIMEOUT,
