@@ -142,7 +142,7 @@ def test_a_round_interrupted_after_hospitals_trained_it_is_lost_not_trained_twic
     assert (train["valid"], train["refused"], train["failed"]) == (2, 0, 0), train
     rounds = [[e["server_round"] for e in json.loads(p.read_text())["entries"]] for p in ledgers]
     assert rounds == [[1, 2, 3], [1, 3]]  # round 2 spent once (hospital 0, before the kill), never again
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.npz", "round-0003.npz"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.npz")) == ["round-0001.npz", "round-0003.npz"]
     assert metrics["final"]["round"] == 3
 
 
@@ -260,7 +260,7 @@ def test_a_superlink_killed_mid_run_resumes_without_losing_a_round_or_spending_t
         assert entry["federated_eval"]["num_examples"] > 0
     run_key = metrics["run_key"]
     assert (run_dir / "model.mammofl").is_file() and metrics["final"] is not None
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.npz")) == [
         f"round-{r:04d}.npz" for r in range(1, NUM_ROUNDS + 1)]
 
     spent: dict[str, tuple[int, float]] = {}
