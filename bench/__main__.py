@@ -32,8 +32,8 @@ if __name__ == "__main__":
     if data and (Path(data) / "Info.txt").is_file():
         print()
         model_quality.main(["--data-dir", data, "--out", "cache/bench/model-quality"])
-        print()  # the AUC effect of int8 updates (README, "Performance"): 5 seeds, local noise, 3 hospitals, eps 3
-        model_quality.main(["--data-dir", data, "--out", "cache/bench/update-encoding", "--seeds", *"01234",
+        print()  # the AUC effect of int8 updates (README, "Performance"): 10 seeds, local noise, 3 hospitals, eps 3
+        model_quality.main(["--data-dir", data, "--out", "cache/bench/update-encoding", "--seeds", *"0123456789",
                             "--epsilons", "3", "--hospitals", "3", "--isolated", "--only", "local",
                             "--update-encoding", "float32", "int8"])
         wire_bytes.main(["--quality", "cache/bench/update-encoding/model_quality.json"])
