@@ -39,6 +39,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CORPUS = REPO_ROOT / "tests" / "fuzz_corpus"
+SEED_SUFFIX = ".seed"
 SHARED_DICOM = Path(os.environ.get("MAMMOFL_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")) / "dicom"
 RESULTS = REPO_ROOT / "bench" / "results" / "fuzz.json"
 _MEMORY_DISK = Path("/dev/shm")  # scratch files there when it exists: writing one per input to disk is the slow part
@@ -108,8 +109,8 @@ def load_seeds(corpus: Path = CORPUS, shared_dicom: Path | None = SHARED_DICOM) 
     corpus in the same transfer syntax family) when `shared_dicom` exists."""
     seeds: dict[str, list[bytes]] = {kind: [] for kind in KINDS}
     for path in sorted(corpus.iterdir()):
-        kind = _SUFFIXES.get(path.suffix)
-        if kind:
+        kind = _SUFFIXES.get(Path(path.name.removesuffix(SEED_SUFFIX)).suffix)
+        if kind and path.name.endswith(SEED_SUFFIX):
             seeds[kind].append(path.read_bytes())
     if shared_dicom is not None and shared_dicom.is_dir():
         seeds["dicom"].extend(real_dicom_headers(shared_dicom, corpus))
@@ -124,7 +125,7 @@ def real_dicom_headers(folder: Path, corpus: Path = CORPUS) -> list[bytes]:
     file of the same kind of transfer syntax (native, RLE, JPEG, JPEG 2000): small inputs with real headers."""
     import pydicom
 
-    pixel_elements = {name: _pixel_element((corpus / f"mammo_{name}.dcm").read_bytes())
+    pixel_elements = {name: _pixel_element((corpus / f"mammo_{name}.dcm{SEED_SUFFIX}").read_bytes())
                       for name in ("native16", "rle16", "jpeg8", "j2k16")}
     headers = []
     for path in sorted(folder.iterdir()):
@@ -279,6 +280,11 @@ def _cap_memory(gigabytes: float) -> None:
 
 
 # ---------------------------------------------------------------- the corpus
+def _seed(folder: Path, name: str) -> Path:
+    """A corpus file: its format's name plus ``.seed`` (synthetic seeds, never mistaken for patient images)."""
+    return folder / f"{name}{SEED_SUFFIX}"
+
+
 def write_corpus(folder: Path = CORPUS) -> list[Path]:
     """Write the seed files (small synthetic images, an Info.txt, a manifest, config lines) into `folder`."""
     import numpy as np
@@ -288,43 +294,46 @@ def write_corpus(folder: Path = CORPUS) -> list[Path]:
     ramp16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 64).astype(np.uint16)
     ramp8 = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).astype(np.uint8)
     written = [
-        _dicom(folder / "mammo_native16.dcm", ramp16, "1.2.840.10008.1.2.1", WindowCenter=2048, WindowWidth=4096),
-        _dicom(folder / "mammo_mono1_8bit.dcm", ramp8, "1.2.840.10008.1.2.1", PhotometricInterpretation="MONOCHROME1",
+        _dicom(_seed(folder, "mammo_native16.dcm"), ramp16, "1.2.840.10008.1.2.1", WindowCenter=2048,
+               WindowWidth=4096),
+        _dicom(_seed(folder, "mammo_mono1_8bit.dcm"), ramp8, "1.2.840.10008.1.2.1",
+               PhotometricInterpretation="MONOCHROME1",
                RescaleSlope=2, RescaleIntercept=-10),
-        _dicom(folder / "mammo_rle16.dcm", ramp16, "1.2.840.10008.1.2.5"),
-        _dicom(folder / "mammo_jpeg8.dcm", ramp8, "1.2.840.10008.1.2.4.50"),
-        _dicom(folder / "mammo_j2k16.dcm", np.tile(ramp16, (4, 4)), "1.2.840.10008.1.2.4.90"),  # 32 x 32: the
+        _dicom(_seed(folder, "mammo_rle16.dcm"), ramp16, "1.2.840.10008.1.2.5"),
+        _dicom(_seed(folder, "mammo_jpeg8.dcm"), ramp8, "1.2.840.10008.1.2.4.50"),
+        _dicom(_seed(folder, "mammo_j2k16.dcm"), np.tile(ramp16, (4, 4)), "1.2.840.10008.1.2.4.90"),  # 32 x 32: the
         # encoder's default 6 resolution levels need that much
-        _dicom(folder / "mammo_implicit_voi_lut.dcm", ramp16, "1.2.840.10008.1.2", voi_lut=True),
+        _dicom(_seed(folder, "mammo_implicit_voi_lut.dcm"), ramp16, "1.2.840.10008.1.2", voi_lut=True),
     ]
     for name, array in (("gray8.png", ramp8), ("gray16.png", ramp16)):
-        Image.fromarray(array).save(folder / name)
-        written.append(folder / name)
-    Image.fromarray(ramp8).convert("P").save(folder / "palette.png")
-    written.append(folder / "palette.png")
-    (folder / "gray8.pgm").write_bytes(b"P5\n8 8\n255\n" + ramp8.tobytes())
-    (folder / "gray12_comment.pgm").write_bytes(b"P5\n# 12-bit\n8 8\n4095\n" + (ramp16 >> 4).astype(">u2").tobytes())
-    (folder / "mini.info").write_text(
+        Image.fromarray(array).save(_seed(folder, name), format="PNG")
+        written.append(_seed(folder, name))
+    Image.fromarray(ramp8).convert("P").save(_seed(folder, "palette.png"), format="PNG")
+    written.append(_seed(folder, "palette.png"))
+    _seed(folder, "gray8.pgm").write_bytes(b"P5\n8 8\n255\n" + ramp8.tobytes())
+    _seed(folder, "gray12_comment.pgm").write_bytes(b"P5\n# 12-bit\n8 8\n4095\n"
+                                                     + (ramp16 >> 4).astype(">u2").tobytes())
+    _seed(folder, "mini.info").write_text(
         "MINI MIAS-LIKE TABLE\n\nmdb001 G CIRC B 535 425 197\nmdb002 G CIRC B 522 280 69\nmdb003 D NORM \n"
         "mdb004 D CALC M *NOTE 3* \nmdb005 F CALC B 10 20 5\nmdb005 F ARCH M 100 200 30\n"
         "mdb006 F NORM \nmdb007 G SPIC M 300 400 50\n"
     )
-    (folder / "manifest.csv").write_text(
+    _seed(folder, "manifest.csv").write_text(
         "file,label,patient_id,laterality,view,lesion_x,lesion_y,lesion_r\n"
         "a.png,benign,P1,L,CC,3,4,2\nb.pgm,normal,P1,R,MLO,,,\nc.dcm,malignant,P2,L,MLO,5,5,1\n"
         "c.dcm,malignant,P2,L,MLO,1,2,1\nsub/d.png,normal,P3,,,,,\n"
     )
-    (folder / "assignments.run").write_text(
+    _seed(folder, "assignments.run").write_text(
         "num-server-rounds=3\nstrategy=fedprox\nproximal-mu=0.01\nlr=0.05\ndp=true\nnoise-multiplier=1.0\n"
         "delta=1e-5\nimage-size=512\nexplain-methods=cell_scores\nseed=7\nrun-dir=runs/x\n"
     )
-    (folder / "hospital.node").write_text(
+    _seed(folder, "hospital.node").write_text(
         "data-dir=/data/hospital\nstate-dir=/var/lib/mammofl\nmax-epsilon=8.0\nmanifest=/data/hospital/manifest.csv\n"
         "budget-on-aggregate=false\nsecagg-max-dropouts=1\n"
     )
-    (folder / "simulated.node").write_text(
+    _seed(folder, "simulated.node").write_text(
         "partition-id=1\nnum-partitions=3\nmax-epsilon=10\ndata-dir=/data/mini-mias\nstate-dir=/var/lib/sim\n")
-    written += [folder / name for name in ("gray8.pgm", "gray12_comment.pgm", "mini.info", "manifest.csv",
+    written += [_seed(folder, name) for name in ("gray8.pgm", "gray12_comment.pgm", "mini.info", "manifest.csv",
                                            "assignments.run", "hospital.node", "simulated.node")]
     return written
 

@@ -111,7 +111,7 @@ def test_node_error_wrapper_converts_a_panic_and_passes_interrupts():
 
 def test_check_data_finishes_with_a_report_on_a_panicking_file(tmp_path):
     write_panicking_dicom(tmp_path / "panic.dcm")
-    shutil.copy(CORPUS / "mammo_rle16.dcm", tmp_path / "good.dcm")
+    shutil.copy(CORPUS / "mammo_rle16.dcm.seed", tmp_path / "good.dcm")
     report = run_json(tmp_path)
     assert (report["n_files"], report["n_ok"], report["ok_files"]) == (2, 1, ["good.dcm"])
     [skipped] = report["skipped"]
@@ -169,7 +169,7 @@ def test_png_and_pgm_headers_declaring_65535_squared(tmp_path):
 
 
 def test_compressed_frame_declaring_another_size_is_refused(tmp_path):
-    data = bytearray((CORPUS / "mammo_j2k16.dcm").read_bytes())
+    data = bytearray((CORPUS / "mammo_j2k16.dcm.seed").read_bytes())
     siz = data.index(b"\xff\x4f\xff\x51")
     data[siz + 8 : siz + 16] = (65535).to_bytes(4, "big") * 2  # Xsiz, Ysiz
     (tmp_path / "j2k.dcm").write_bytes(bytes(data))
