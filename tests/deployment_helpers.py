@@ -147,15 +147,6 @@ def killpg(pgid: int, sig: signal.Signals) -> None:
         pass
 
 
-def runs_command(pid: int, command: str) -> bool:
-    """Whether process `pid` runs the console script `command` (argv[0] or, for a Python script, argv[1])."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2]
-    except OSError:
-        return False
-    return any(Path(arg.decode(errors="replace")).name == command for arg in argv)
-
-
 def send_signal(pid: int, sig: signal.Signals) -> None:
     try:
         os.kill(pid, sig)
@@ -349,28 +340,6 @@ class Federation:
     def home(self, name: str) -> Path:
         """FLWR_HOME of a started process: what its children inherit, so it tells whose they are."""
         return self.root / "homes" / name
-
-    def power_off(self, node: Started, *, during: Started, timeout: float, nth: int = 1) -> float:
-        """Wait (bounded, and only while `during` runs) for `node`'s `nth` `flwr-clientapp` (one per message), then
-        SIGKILL the SuperNode's process group: the SuperNode, its SuperExec and that ClientApp. Returns the time
-        of the kill (time.monotonic)."""
-        home = self.home(node.name)
-        seen: set[int] = set()
-
-        def nth_started() -> bool:
-            seen.update(p for p in self.procs.marked(home) if runs_command(p, "flwr-clientapp"))
-            return during.popen.poll() is not None or len(seen) >= nth
-
-        app = wait_until(nth_started, timeout, interval=0.1)
-        assert app and during.popen.poll() is None, (
-            f"{node.name} started {len(seen)} of {nth} flwr-clientapp processes within {timeout:.0f} s while "
-            f"{during.name} ran:\n{node.tail()}\n--- {during.name}:\n{during.tail()}")
-        killpg(node.popen.pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        assert node.popen.wait(timeout=STOP_TIMEOUT) == -signal.SIGKILL
-        assert wait_until(lambda: not self.procs.marked(home), STOP_TIMEOUT), (
-            f"{node.name} processes survived SIGKILL: {self.procs.marked(home)}")
-        return killed_at
 
 
 @contextlib.contextmanager
